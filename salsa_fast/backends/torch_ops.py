@@ -1,0 +1,207 @@
+"""The torch backend: SaLSA's passes as whole-buffer torch ops over a :class:`FlatBucket`.
+
+It runs wherever torch runs and is the fallback on every device. Each function handles one flat
+buffer; the optimizer calls it once per bucket. All math is in the bucket's state dtype (fp32,
+or fp64 for fp64 parameters); low-precision parameters are widened, updated and rounded back.
+
+Search steps never write ``exp_avg``/``exp_avg_sq`` before the search has finished: the first
+pass computes the search direction from the *would-be* moments into a scratch buffer and the
+moments are committed at the end. That keeps a failed step (non-finite loss or gradient, or a
+closure that raises during a trial) exactly undoable: restore ``p`` from the backup, drop the
+scratch, and no state has changed. The commit recomputes the moments from the gradient buffer
+with the same ops, so they equal the ones the direction was built from.
+
+Non-search steps on fp32/fp64 parameters use torch's fused Adam kernel (one pass, 28 B/param);
+a device-side ``found_inf`` flag lets it skip a non-finite step without a host sync.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..flat import FlatBucket
+
+name = "torch"
+
+
+class Hyper(NamedTuple):
+    """Per-step constants shared by every bucket (host floats: no syncs)."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    corr1: float  # 1 - beta1 ** max(1, k + 1)
+    corr2: float  # 1 - beta2 ** max(1, k + 1)
+    bias_step: float  # max(1, k + 1), for kernels that compute the corrections themselves
+    direction: str  # "adam" | "sgd"
+    use_mv: bool
+
+
+def _in_state_dtype(b: FlatBucket, t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == b.state_dtype else t.to(b.state_dtype)
+
+
+def _fused_ok(b: FlatBucket) -> bool:
+    return (
+        b.exp_avg_sq is not None
+        and b.dtype == b.state_dtype
+        and b.device.type in ("cpu", "cuda")
+        and hasattr(torch, "_fused_adamw_")
+    )
+
+
+def _new_moments(b: FlatBucket, g: torch.Tensor, h: Hyper) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's moments, out of place: ``beta*old + (1-beta)*new``."""
+    m = torch.mul(b.exp_avg, h.beta1).add_(g, alpha=1 - h.beta1)
+    v = None
+    if b.exp_avg_sq is not None:
+        v = torch.mul(b.exp_avg_sq, h.beta2).addcmul_(g, g, value=1 - h.beta2)
+    return m, v
+
+
+def _commit_moments(b: FlatBucket, g: torch.Tensor, h: Hyper) -> None:
+    """Same arithmetic as :func:`_new_moments`, in place."""
+    b.exp_avg.mul_(h.beta1).add_(g, alpha=1 - h.beta1)
+    if b.exp_avg_sq is not None:
+        b.exp_avg_sq.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
+
+
+def _denominator(v: torch.Tensor, h: Hyper) -> torch.Tensor:
+    """``sqrt(v / corr2) + eps`` (a new tensor)."""
+    return torch.div(v, h.corr2).sqrt_().add_(h.eps)
+
+
+def _momentum_direction(m: torch.Tensor, v: torch.Tensor | None, h: Hyper) -> torch.Tensor:
+    """``mhat * precond`` (Adam) or ``mhat`` (SGD), as a new tensor."""
+    d = torch.div(m, h.corr1)
+    if v is not None:
+        d.div_(_denominator(v, h))
+    return d
+
+
+def _write_point(b: FlatBucket, d: torch.Tensor, lr_step: float, decay: float) -> None:
+    """``p = backup * (1 - decay) - lr_step * d``."""
+    p, backup = b.param, b.backup
+    if b.dtype == b.state_dtype:
+        if decay:
+            torch.mul(backup, 1 - decay, out=p)
+            p.add_(d, alpha=-lr_step)
+        else:
+            torch.add(backup, d, alpha=-lr_step, out=p)
+    else:
+        t = backup.to(b.state_dtype)
+        if decay:
+            t.mul_(1 - decay)
+        p.copy_(t.add_(d, alpha=-lr_step))
+
+
+# -- non-search step --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_inf: torch.Tensor | None) -> None:
+    """A non-search step: ``p = p*(1-decay) - lr_step * momentum_direction``, moments updated.
+
+    ``found_inf`` (a 0-dim float tensor on the bucket's device, or None) skips the whole update
+    on the device when it is 1, so a non-finite gradient needs no host sync.
+    """
+    if _fused_ok(b) and lr_step > 0:
+        if b.step_tensor is None:
+            b.step_tensor = torch.zeros((), dtype=torch.float32, device=b.device)
+        b.step_tensor.fill_(h.bias_step)
+        # torch's AdamW decays by lr * weight_decay with the *new* step size; ours decays with
+        # the old one, so hand it the ratio.
+        torch._fused_adamw_(
+            [b.param], [b.grad], [b.exp_avg], [b.exp_avg_sq], [], [b.step_tensor],
+            lr=lr_step, beta1=h.beta1, beta2=h.beta2, weight_decay=decay / lr_step,
+            eps=h.eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf,
+        )  # fmt: skip
+        return
+
+    g = _in_state_dtype(b, b.grad)
+    p = _in_state_dtype(b, b.param)
+    if found_inf is None:
+        if decay:
+            p.mul_(1 - decay)
+        _commit_moments(b, g, h)
+        p.add_(_momentum_direction(b.exp_avg, b.exp_avg_sq, h), alpha=-lr_step)
+        if p is not b.param:
+            b.param.copy_(p)
+        return
+
+    # Device-side skip without the fused kernel: compute out of place, then select.
+    skip = found_inf.bool()
+    m, v = _new_moments(b, g, h)
+    new_p = p * (1 - decay) if decay else p.clone()
+    new_p.add_(_momentum_direction(m, v, h), alpha=-lr_step)
+    b.exp_avg.copy_(torch.where(skip, b.exp_avg, m))
+    if v is not None:
+        b.exp_avg_sq.copy_(torch.where(skip, b.exp_avg_sq, v))
+    b.param.copy_(torch.where(skip, p, new_p))
+
+
+def grad_sum(b: FlatBucket) -> torch.Tensor:
+    """Sum of the gradient buffer (non-finite iff some gradient is), as a 0-dim fp64 tensor."""
+    return b.grad.sum(dtype=b.state_dtype).double()
+
+
+# -- search step ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> torch.Tensor:
+    """First pass of a search: back up ``p``, build the search direction, write the first trial.
+
+    Returns this bucket's unscaled ``sum(g * direction)`` as a 0-dim tensor (state dtype).
+    Moments are not touched (see the module docstring).
+    """
+    backup = b.ensure_backup()
+    backup.copy_(b.param)
+    g = _in_state_dtype(b, b.grad)
+    if h.direction == "adam":
+        v_new = torch.mul(b.exp_avg_sq, h.beta2).addcmul_(g, g, value=1 - h.beta2)
+        d = v_new.div_(h.corr2).sqrt_().add_(h.eps)  # the denominator, in v_new's memory
+        if h.use_mv:
+            m_hat = torch.mul(b.exp_avg, h.beta1).add_(g, alpha=1 - h.beta1).div_(h.corr1)
+            torch.div(m_hat, d, out=d)
+        else:
+            torch.div(g, d, out=d)
+    elif h.use_mv:
+        d = torch.mul(b.exp_avg, h.beta1).add_(g, alpha=1 - h.beta1).div_(h.corr1)
+    else:
+        d = g
+    b.scratch["direction"] = d
+    pp = torch.dot(g, d)
+    _write_point(b, d, lr_step, decay)
+    return pp
+
+
+@torch.no_grad()
+def search_trial(b: FlatBucket, *, lr_step: float, decay: float) -> None:
+    """A further trial: ``p = backup*(1-decay) - lr_step * direction``."""
+    _write_point(b, b.scratch["direction"], lr_step, decay)
+
+
+@torch.no_grad()
+def search_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+    """The no-search fallback inside a search step: step along the momentum direction."""
+    g = _in_state_dtype(b, b.grad)
+    m, v = _new_moments(b, g, h)
+    _write_point(b, _momentum_direction(m, v, h), lr_step, decay)
+
+
+@torch.no_grad()
+def search_commit(b: FlatBucket, *, h: Hyper) -> None:
+    """The search is over: commit the moments, drop the scratch (``p`` stays where it is)."""
+    _commit_moments(b, _in_state_dtype(b, b.grad), h)
+    b.scratch.clear()
+
+
+@torch.no_grad()
+def search_abort(b: FlatBucket) -> None:
+    """Undo a search step: ``p`` back to its pre-step value, moments untouched."""
+    if b.backup is not None and b.scratch:
+        b.param.copy_(b.backup)
+    b.scratch.clear()

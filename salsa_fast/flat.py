@@ -1,0 +1,180 @@
+"""Flat parameter and gradient buffers.
+
+A :class:`FlatBucket` owns the parameters of one (param group, device, dtype). Their values live
+in one contiguous buffer and each ``p.data`` becomes a view into it; their gradients live in a
+matching buffer with each ``p.grad`` a view, so autograd accumulates straight into it and
+``zero_grad()`` is one memset. The optimizer state (``exp_avg``, ``exp_avg_sq``, the search
+backup) lives in buffers of the same layout, so every update is a handful of whole-buffer ops
+(torch backend) or one kernel launch per buffer (Triton backend), never a loop over tensors.
+
+Each parameter starts at an offset aligned to ``ALIGN_BYTES``; the padding between parameters
+is zero in every buffer and stays zero under every update (a zero gradient gives a zero
+direction), so it never contributes to a reduction.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+ALIGN_BYTES = 128
+
+_grad_of = operator.attrgetter("grad")
+_data_ptr = torch.Tensor.data_ptr
+
+
+def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """fp64 parameters keep fp64 state; everything else keeps fp32 state (fp32 math)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dense_strides(t: torch.Tensor) -> bool:
+    """True when ``t`` covers exactly ``numel`` consecutive elements (any dim order)."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _view_like(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """A view of ``flat[offset : offset + like.numel()]`` shaped (and strided) like ``like``.
+
+    Channels-last and other dense permuted layouts keep their strides, so convolutions see the
+    memory format they had before packing; anything else becomes contiguous.
+    """
+    n = like.numel()
+    if like.is_contiguous() or not _dense_strides(like):
+        return flat[offset : offset + n].view(like.shape)
+    return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + offset)
+
+
+class FlatBucket:
+    """The parameters of one (param group, device, dtype) packed into flat buffers.
+
+    Attributes:
+        params: the parameters, in group order.
+        param, grad: the flat value and gradient buffers (parameter dtype).
+        exp_avg, exp_avg_sq: flat fp32 (fp64 for fp64 parameters) moments; ``exp_avg_sq`` is
+            None for the SGD direction.
+        backup: the flat buffer a search returns to (allocated on the first search).
+    """
+
+    def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool):
+        first = params[0]
+        self.params = list(params)
+        self.group_index = group_index
+        self.device = first.device
+        self.dtype = first.dtype
+        self.state_dtype = state_dtype_for(first.dtype)
+
+        align = max(1, ALIGN_BYTES // first.element_size())
+        self.offsets: list[int] = []
+        total = 0
+        for p in self.params:
+            self.offsets.append(total)
+            total += -(-p.numel() // align) * align
+        self.numel = total
+
+        kw = dict(device=self.device)
+        self.param = torch.zeros(total, dtype=self.dtype, **kw)
+        self.grad = torch.zeros(total, dtype=self.dtype, **kw)
+        self.exp_avg = torch.zeros(total, dtype=self.state_dtype, **kw)
+        self.exp_avg_sq = torch.zeros(total, dtype=self.state_dtype, **kw) if keep_second_moment else None
+        self.backup: torch.Tensor | None = None
+        # Per-search scratch owned by the backend (e.g. the search direction); None between searches.
+        self.scratch: dict[str, torch.Tensor] = {}
+        # Per-bucket step tensor some backends need on the device (e.g. torch's fused Adam).
+        self.step_tensor: torch.Tensor | None = None
+
+        self.param_views = [_view_like(self.param, o, p) for p, o in zip(self.params, self.offsets)]
+        self.grad_views = [_view_like(self.grad, o, p) for p, o in zip(self.params, self.offsets)]
+        with torch.no_grad():
+            for p, pv, gv in zip(self.params, self.param_views, self.grad_views):
+                pv.copy_(p.detach())
+                if p.grad is not None:
+                    _check_dense_grad(p.grad)
+                    gv.copy_(p.grad)
+                p.data = pv
+                p.grad = gv
+        self._ptrs = list(map(_data_ptr, self.params))
+
+    # -- views --------------------------------------------------------------------------------
+    def views_of(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-parameter views of a buffer laid out like this bucket (e.g. ``exp_avg``)."""
+        return [_view_like(flat, o, p) for p, o in zip(self.param_views, self.offsets)]
+
+    def ensure_backup(self) -> torch.Tensor:
+        if self.backup is None:
+            self.backup = torch.zeros_like(self.param)
+        return self.backup
+
+    # -- detecting what happened behind the optimizer's back ----------------------------------
+    def params_intact(self) -> bool:
+        """True when every parameter's ``.data`` is still the view into ``self.param``."""
+        return list(map(_data_ptr, self.params)) == self._ptrs
+
+    def grads_intact(self) -> bool:
+        """True when every parameter's ``.grad`` is still the view into ``self.grad``."""
+        return all(map(operator.is_, map(_grad_of, self.params), self.grad_views))
+
+    def relocated(self) -> bool:
+        """True when some parameter moved to another device or dtype (``model.to(...)``)."""
+        return any(p.device != self.device or p.dtype != self.dtype for p in self.params)
+
+    @torch.no_grad()
+    def adopt_param_data(self) -> None:
+        """Copy values from parameters whose ``.data`` was replaced, then re-view them.
+
+        Handles ``p.data = new_tensor`` of the same shape, device and dtype (the caller repacks
+        for device or dtype changes).
+        """
+        for i, p in enumerate(self.params):
+            view = self.param_views[i]
+            if p.data_ptr() != view.data_ptr() or p.stride() != view.stride():
+                if p.shape != view.shape:
+                    raise ValueError(
+                        f"a parameter's shape changed from {tuple(view.shape)} to {tuple(p.shape)} "
+                        "after it was given to the optimizer; build a new optimizer"
+                    )
+                view.copy_(p.detach())
+                p.data = view
+        self._ptrs = list(map(_data_ptr, self.params))
+
+    @torch.no_grad()
+    def adopt_grads(self) -> None:
+        """Bring gradients that are not our views back into the flat gradient buffer.
+
+        ``None`` (e.g. after ``model.zero_grad()`` for a parameter the loss did not use) becomes a
+        zero gradient; a replaced tensor is copied in. Either way ``p.grad`` is the view again.
+        """
+        for p, view in zip(self.params, self.grad_views):
+            g = p.grad
+            if g is view:
+                continue
+            if g is None:
+                view.zero_()
+            else:
+                _check_dense_grad(g)
+                view.copy_(g)
+            p.grad = view
+
+    def attach_grads(self) -> None:
+        """Point every ``p.grad`` back at its view (without touching values)."""
+        if not self.grads_intact():
+            for p, view in zip(self.params, self.grad_views):
+                if p.grad is not view:
+                    p.grad = view
+
+
+def _check_dense_grad(g: torch.Tensor) -> None:
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(
+            "SaLSA does not support sparse gradients (got a gradient with layout "
+            f"{g.layout}); use dense gradients, e.g. nn.Embedding(sparse=False)"
+        )

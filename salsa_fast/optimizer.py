@@ -1,0 +1,588 @@
+"""SaLSA: the optimizer. Closure handling, the line search, the search interval, state_dict.
+
+The per-element work (moments, directions, trial points, reductions) lives in the backends and
+runs once per flat buffer; this file only makes decisions, on host floats. What it costs in host
+syncs: none on a non-search step, one per search (the gradient-pass loss and the preconditioned
+norm, read together) and one per trial (its loss). On CPU tensors a "sync" is free, so there the
+non-search step also checks its gradient for non-finite values on the host.
+
+``salsa_fast/reference.py`` is the readable per-parameter statement of the same algorithm; the
+tests hold this class to it.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from . import backends
+from .closure import call_closure, check_closure, draw_seed
+from .flat import FlatBucket
+
+__all__ = ["SaLSA", "SLS", "StepInfo", "SaLSAWarning"]
+
+_requires_grad = operator.attrgetter("requires_grad")
+
+# Keys that are properties of the whole search and cannot differ between param groups.
+_GLOBAL_KEYS = frozenset(
+    "init_step_size c momentum betas speed_up use_mv direction growth decrease eps "
+    "max_backtracks max_interval backend process_group grad_scaler".split()
+)
+_MIN_LOSS = 1e-8  # below this |loss| (or smoothed norm) the criterion is meaningless
+_SLOW, _FAST = 0.99, 0.9  # smoothing of the two step-size averages behind the search interval
+_WARMUP_SEARCHES = 10  # steps 1..9 always search
+
+
+class SaLSAWarning(UserWarning):
+    """Warnings from SaLSA about the run (skipped steps, slow paths, assumptions)."""
+
+
+@dataclass
+class _Scalars:
+    """Every global scalar of the algorithm and the run's counters (all host numbers)."""
+
+    step_size: float  # eta: the step size the last search accepted
+    step: int = 0  # k: steps taken (skipped steps excluded)
+    decrease_avg: float = 0.0  # h: smoothed loss decrease
+    norm_avg: float = 0.0  # s: smoothed preconditioned gradient norm
+    step_size_slow: float = 1e-8
+    step_size_fast: float = 1e-8
+    since_search: int = 100
+    forwards: int = 0  # closure calls
+    backwards: int = 0  # closure calls with backwards=True
+    searches: int = 0
+    trials: int = 0
+    skipped: int = 0  # non-finite steps skipped
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the last ``step()`` did (``SaLSA.last_step``)."""
+
+    searched: bool = False  # it ran a line search
+    trials: int = 0  # closure calls without backward in this step
+    accepted: bool = False  # a trial met the criterion (False on non-search steps)
+    skipped: bool = False  # non-finite loss/gradient: nothing was changed
+    step_size: float = float("nan")  # the step size after this step
+
+
+def _check_hyper(name: str, ok: bool, value: Any, what: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {name}={value!r}: {what}")
+
+
+class SaLSA(Optimizer):
+    r"""Stable Armijo Line Search Adaptation: Adam (or SGD) with no learning rate to tune.
+
+    Every few steps a backtracking line search on the mini-batch loss finds the step size, with
+    an Armijo criterion whose two sides are smoothed by an exponential moving average; between
+    searches it takes Adam steps with the step size it found. Same algorithm, same defaults and
+    the same decisions as the published ``salsa-optimizer`` package, on flat parameter buffers.
+
+    Args:
+        params: parameters or param-group dicts. Per group, ``lr`` (default 1.0) multiplies the
+            found step size (so LR schedulers compose with the search) and ``weight_decay``
+            overrides the default.
+        init_step_size: the first step size tried (grown by ``growth`` before every step).
+        c: the sufficient-decrease constant of the Armijo criterion.
+        momentum: ``(beta1, beta2, beta3)``: Adam's betas and the smoothing of the criterion;
+            ``beta3 = 0`` is the plain Armijo criterion.
+        speed_up: search only every few steps (the interval adapts to how fast the step size
+            changes); ``False`` searches every step.
+        use_mv: trial steps along the bias-corrected momentum instead of the gradient.
+        weight_decay: decoupled weight decay, ``p -= weight_decay * lr * step_size * p`` before
+            every step.
+        direction: ``"adam"`` (preconditioned) or ``"sgd"``.
+        growth: the step size is multiplied by this before each step.
+        decrease: backtracking factor after a failed trial.
+        eps: Adam's epsilon.
+        max_backtracks: most trials in one search.
+        max_interval: most steps between two searches.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        process_group, grad_scaler: reserved for distributed training and fp16 loss scaling;
+            not supported yet (``NotImplementedError``).
+    """
+
+    def __init__(
+        self,
+        params,
+        init_step_size: float = 1.0,
+        c: float = 0.5,
+        momentum: tuple[float, float, float] = (0.9, 0.999, 0.9),
+        speed_up: bool = True,
+        use_mv: bool = False,
+        weight_decay: float = 0.0,
+        *,
+        direction: str = "adam",
+        growth: float = 1.1,
+        decrease: float = 0.8,
+        eps: float = 1e-8,
+        max_backtracks: int = 100,
+        max_interval: float = 10,
+        backend: str = "auto",
+        process_group=None,
+        grad_scaler=None,
+    ):
+        _check_hyper("init_step_size", _is_real(init_step_size) and init_step_size > 0, init_step_size, "must be > 0")
+        _check_hyper("c", _is_real(c) and c > 0, c, "must be > 0")
+        try:
+            beta1, beta2, beta3 = (float(b) for b in momentum)
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid momentum={momentum!r}: must be three floats (beta1, beta2, beta3)") from None
+        for i, beta in enumerate((beta1, beta2, beta3), 1):
+            _check_hyper(f"momentum (beta{i})", 0.0 <= beta < 1.0, momentum, f"beta{i} must be in [0, 1)")
+        _check_hyper("eps", _is_real(eps) and eps > 0, eps, "must be > 0")
+        _check_hyper("weight_decay", _is_real(weight_decay) and weight_decay >= 0, weight_decay, "must be >= 0")
+        _check_hyper("growth", _is_real(growth) and growth > 1 and math.isfinite(growth), growth, "must be > 1")
+        _check_hyper("decrease", _is_real(decrease) and 0 < decrease < 1, decrease, "must be in (0, 1)")
+        _check_hyper(
+            "max_backtracks",
+            isinstance(max_backtracks, int) and not isinstance(max_backtracks, bool) and max_backtracks >= 1,
+            max_backtracks,
+            "must be an int >= 1",
+        )
+        _check_hyper("max_interval", _is_real(max_interval) and max_interval > 0, max_interval, "must be > 0")
+        _check_hyper("direction", direction in ("adam", "sgd"), direction, "must be 'adam' or 'sgd'")
+        _check_hyper("backend", backend in backends.NAMES, backend, f"must be one of {backends.NAMES}")
+        if process_group is not None:
+            raise NotImplementedError("SaLSA(process_group=...): distributed line searches are not supported yet")
+        if grad_scaler is not None:
+            raise NotImplementedError("SaLSA(grad_scaler=...): fp16 loss scaling is not supported yet")
+
+        self.init_step_size = float(init_step_size)
+        self.c = float(c)
+        self.betas = (beta1, beta2, beta3)
+        self.speed_up = bool(speed_up)
+        self.use_mv = bool(use_mv)
+        self.direction = direction
+        self.growth = float(growth)
+        self.decrease = float(decrease)
+        self.eps = float(eps)
+        self.max_backtracks = max_backtracks
+        self.max_interval = float(max_interval)
+        self.backend_name = backend
+
+        self._ready = False
+        super().__init__(params, dict(lr=1.0, weight_decay=float(weight_decay)))
+        self._scalars = _Scalars(step_size=self.init_step_size)
+        self._last = StepInfo(step_size=self.init_step_size)
+        self._warned: set[str] = set()
+        self._in_search = False
+        self._pending_skips: torch.Tensor | None = None  # device-side count, folded in on read
+        self._repack()
+        self._ready = True
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                self._warn_once(
+                    "distributed",
+                    "torch.distributed is initialised but SaLSA does not synchronise its line-search "
+                    "decisions across ranks yet: ranks may take different step sizes",
+                )
+
+    # ------------------------------------------------------------------------------------------
+    # parameter groups and flat buffers
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        shared = sorted(_GLOBAL_KEYS.intersection(param_group))
+        if shared:
+            raise ValueError(
+                f"param group sets {shared}: SaLSA finds one step size for all groups, so only 'lr' "
+                "(a multiplier on the step size) and 'weight_decay' may differ per group"
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key in ("lr", "weight_decay"):
+            value = group[key]
+            _check_hyper(f"param group '{key}'", _is_real(value) and value >= 0, value, "must be >= 0")
+        params = group["params"]
+        if len(set(params)) != len(params):
+            raise ValueError("a param group lists the same parameter twice")
+        for p in params:
+            if p.is_sparse or p.layout != torch.strided:
+                raise RuntimeError("SaLSA does not support sparse parameters")
+            if not p.is_floating_point():
+                raise ValueError(f"SaLSA optimizes floating-point parameters, got one of dtype {p.dtype}")
+        group["step_size"] = self._scalars.step_size if self._ready else self.init_step_size
+        if self._ready:
+            self._repack()
+
+    def _repack(self) -> None:
+        """(Re)build the flat buckets from the param groups, carrying per-parameter state over."""
+        old_state = {}
+        for b in getattr(self, "_buckets", []):
+            m_views = b.views_of(b.exp_avg)
+            v_views = b.views_of(b.exp_avg_sq) if b.exp_avg_sq is not None else [None] * len(b.params)
+            for p, m, v in zip(b.params, m_views, v_views):
+                old_state[p] = (m, v)
+
+        buckets: list[FlatBucket] = []
+        for gi, group in enumerate(self.param_groups):
+            by_key: dict[tuple, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.requires_grad:
+                    by_key.setdefault((p.device, p.dtype), []).append(p)
+            for plist in by_key.values():
+                buckets.append(FlatBucket(plist, gi, keep_second_moment=self.direction == "adam"))
+
+        self.state.clear()
+        for b in buckets:
+            m_views = b.views_of(b.exp_avg)
+            v_views = b.views_of(b.exp_avg_sq) if b.exp_avg_sq is not None else [None] * len(b.params)
+            for p, m, v in zip(b.params, m_views, v_views):
+                if p in old_state:
+                    old_m, old_v = old_state[p]
+                    m.copy_(old_m)
+                    if v is not None:
+                        v.copy_(old_v)
+                self.state[p] = {"exp_avg": m} if v is None else {"exp_avg": m, "exp_avg_sq": v}
+
+        self._buckets = buckets
+        self._all_params = [p for g in self.param_groups for p in g["params"]]
+        self._requires_grad = list(map(_requires_grad, self._all_params))
+        self._cuda_devices = sorted({b.device.index or 0 for b in buckets if b.device.type == "cuda"})
+        self._host_checks = all(b.device.type == "cpu" for b in buckets)
+        devices = {b.device for b in buckets}
+        self._backend = backends.resolve(self.backend_name, devices)
+        if not buckets:
+            raise ValueError("SaLSA got no parameters that require grad")
+
+    def _check_layout(self) -> None:
+        """Notice what changed behind our back since the last step and repair it."""
+        if list(map(_requires_grad, self._all_params)) != self._requires_grad:
+            self._repack()  # a parameter was frozen or unfrozen
+            return
+        for b in self._buckets:
+            if not b.params_intact():
+                if b.relocated():
+                    self._repack()  # model.to(device/dtype) after the optimizer was built
+                    return
+                b.adopt_param_data()
+
+    def _adopt_grads(self) -> None:
+        for b in self._buckets:
+            if not b.grads_intact():
+                self._warn_once(
+                    "grads",
+                    "a parameter's .grad was replaced or set to None (e.g. by model.zero_grad()); SaLSA "
+                    "copies it back into its flat gradient buffer, which costs an extra pass. Call "
+                    "optimizer.zero_grad() instead to keep the fast path",
+                )
+                b.adopt_grads()
+
+    @torch._disable_dynamo
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero every gradient with one memset per flat buffer.
+
+        Gradients stay views into the optimizer's flat buffer (so ``set_to_none`` is ignored):
+        autograd then accumulates into them in place. Inside a closure called for a line-search
+        trial this does nothing, so the search keeps the gradient it is using.
+        """
+        if self._in_search:
+            return
+        for b in self._buckets:
+            b.grad.zero_()
+            b.attach_grads()
+
+    # ------------------------------------------------------------------------------------------
+    # diagnostics
+
+    @property
+    def step_size(self) -> float:
+        """The step size the last search found (each group steps with ``lr`` times it)."""
+        return self._scalars.step_size
+
+    @property
+    def search_interval(self) -> float:
+        """Steps between searches implied by the two step-size averages (at most ``max_interval``)."""
+        s = self._scalars
+        rate = s.step_size_fast / s.step_size_slow
+        if rate < 1:
+            rate = 1 / rate
+        return min(self.max_interval, 1 / ((rate - 1) + 1e-8))
+
+    @property
+    def last_step(self) -> StepInfo:
+        """What the last ``step()`` did."""
+        return self._last
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Numbers worth logging: step size, search interval, counters of the whole run."""
+        s = self._fold_pending_skips()
+        return {
+            "step_size": s.step_size,
+            "search_interval": self.search_interval,
+            "searched": float(self._last.searched),
+            "trials": float(self._last.trials),
+            "steps": s.step,
+            "forwards": s.forwards,
+            "backwards": s.backwards,
+            "searches": s.searches,
+            "total_trials": s.trials,
+            "skipped_steps": s.skipped,
+        }
+
+    def _fold_pending_skips(self) -> _Scalars:
+        if self._pending_skips is not None:
+            self._scalars.skipped += int(self._pending_skips.item())
+            self._pending_skips = None
+        return self._scalars
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, SaLSAWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------------------------------
+    # the step
+
+    def step(self, closure=None):  # type: ignore[override]
+        """One SaLSA step; returns the loss of the gradient pass (what the closure returned)."""
+        check_closure(closure)
+        if self._in_search:
+            raise RuntimeError("SaLSA.step() was called from inside its own closure")
+        self._check_layout()
+        seed = draw_seed()
+        devices = self._cuda_devices
+        out, loss = call_closure(closure, seed, devices, backwards=True)
+        self._adopt_grads()
+
+        s = self._scalars
+        beta1, beta2, beta3 = self.betas
+        k = s.step + 1
+        since = s.since_search + 1
+        search = not self.speed_up or k < _WARMUP_SEARCHES or since >= self.search_interval
+        eta = s.step_size
+        eta_try = eta * self.growth
+        bias_step = max(1, k + 1)  # sic: one ahead of Adam's count, as the published package
+        h = backends.Hyper(
+            beta1=beta1,
+            beta2=beta2,
+            eps=self.eps,
+            corr1=1 - beta1**bias_step,
+            corr2=1 - beta2**bias_step,
+            bias_step=float(bias_step),
+            direction=self.direction,
+            use_mv=self.use_mv,
+        )
+        # per bucket: its group's step-size multiplier and weight-decay factor (old step size)
+        groups = self.param_groups
+        lrs = [float(groups[b.group_index]["lr"]) for b in self._buckets]
+        decays = [lr * float(groups[b.group_index]["weight_decay"]) * eta for b, lr in zip(self._buckets, lrs)]
+
+        if not search:
+            return self._plain_step(out, loss, k, since, eta_try, lrs, decays, h)
+        return self._search_step(closure, seed, out, loss, k, eta_try, lrs, decays, h)
+
+    def _plain_step(self, out, loss, k, since, eta_try, lrs, decays, h):
+        backend, s = self._backend, self._scalars
+        found_inf = None
+        sums = [backend.grad_sum(b) for b in self._buckets]
+        if self._host_checks:
+            total = float(loss) + float(torch.stack(sums).sum())
+            if not math.isfinite(total):
+                return self._skip(out)
+        else:
+            found_inf = self._device_found_inf(loss, sums)
+        for b, lr, decay in zip(self._buckets, lrs, decays):
+            inf_b = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
+            backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, found_inf=inf_b)
+        s.step, s.since_search = k, since
+        s.forwards += 1
+        s.backwards += 1
+        self._finish(StepInfo(searched=False, step_size=s.step_size))
+        return out
+
+    def _device_found_inf(self, loss, sums):
+        """1.0 on the device when the loss or a gradient is not finite (no host sync)."""
+        dev = self._buckets[0].device
+        total = loss.to(dev, torch.float64) + torch.stack([t.to(dev) for t in sums]).sum()
+        found_inf = (~torch.isfinite(total)).to(torch.float32)
+        self._pending_skips = found_inf if self._pending_skips is None else self._pending_skips + found_inf
+        return found_inf
+
+    def _search_step(self, closure, seed, out, loss, k, eta_try, lrs, decays, h):
+        backend, s = self._backend, self._scalars
+        beta3 = self.betas[2]
+        buckets = self._buckets
+        devices = self._cuda_devices
+        forwards = 1
+        trials = 0
+        accepted = False
+        decrease_avg = s.decrease_avg
+        self._in_search = True
+        try:
+            dev = buckets[0].device
+            pp = torch.zeros((), dtype=torch.float64, device=dev)
+            for b, lr, decay in zip(buckets, lrs, decays):
+                pp_b = backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h)
+                pp = pp + lr * pp_b.to(dev, torch.float64)
+            loss_v, pp_v = torch.stack([loss.to(dev, torch.float64), pp]).tolist()  # the one sync
+            if not (math.isfinite(loss_v) and math.isfinite(pp_v)):
+                for b in buckets:
+                    backend.search_abort(b)
+                return self._skip(out)
+
+            norm_avg = beta3 * s.norm_avg + (1 - beta3) * pp_v
+            if abs(loss_v) >= _MIN_LOSS and norm_avg >= _MIN_LOSS:
+                if loss_v < 0:
+                    self._warn_once(
+                        "negative",
+                        "the loss is negative: SaLSA's Armijo criterion assumes a loss bounded below "
+                        "(e.g. >= 0); the search goes on, but the step size may grow without bound",
+                    )
+                while True:
+                    _, trial_loss = call_closure(closure, seed, devices, backwards=False)
+                    trial_v = float(trial_loss)  # one sync per trial
+                    trials += 1
+                    if math.isfinite(trial_v):
+                        if trial_v == loss_v:  # no change at all: accept, leave h as it is
+                            accepted = True
+                            break
+                        decrease = beta3 * s.decrease_avg + (1 - beta3) * (loss_v - trial_v)
+                        if decrease >= eta_try * self.c * norm_avg:
+                            decrease_avg = decrease
+                            accepted = True
+                            break
+                    eta_try *= self.decrease
+                    if trials == self.max_backtracks:
+                        break  # parameters stay at the last trial
+                    for b, lr, decay in zip(buckets, lrs, decays):
+                        backend.search_trial(b, lr_step=lr * eta_try, decay=decay)
+            else:
+                # Loss or norm too small for the criterion: step along the momentum direction.
+                for b, lr, decay in zip(buckets, lrs, decays):
+                    backend.search_momentum_point(b, lr_step=lr * eta_try, decay=decay, h=h)
+                call_closure(closure, seed, devices, backwards=False)
+                forwards += 1
+        except BaseException:
+            for b in buckets:
+                backend.search_abort(b)
+            raise
+        finally:
+            self._in_search = False
+
+        for b in buckets:
+            backend.search_commit(b, h=h)
+        s.step, s.since_search = k, 0
+        s.norm_avg, s.decrease_avg = norm_avg, decrease_avg
+        s.step_size = eta_try
+        s.step_size_slow = s.step_size_slow * _SLOW + eta_try * (1 - _SLOW)
+        s.step_size_fast = s.step_size_fast * _FAST + eta_try * (1 - _FAST)
+        s.forwards += forwards + trials
+        s.backwards += 1
+        s.searches += 1
+        s.trials += trials
+        self._finish(StepInfo(searched=True, trials=trials, accepted=accepted, step_size=eta_try))
+        return out
+
+    def _skip(self, out):
+        s = self._scalars
+        s.skipped += 1
+        s.forwards += 1
+        s.backwards += 1
+        self._warn_once(
+            "nonfinite",
+            "non-finite loss or gradient: SaLSA skipped this step (parameters and state unchanged); "
+            "`optimizer.stats['skipped_steps']` counts such steps",
+        )
+        self._finish(StepInfo(skipped=True, step_size=s.step_size))
+        return out
+
+    def _finish(self, info: StepInfo) -> None:
+        self._last = info
+        for group in self.param_groups:
+            group["step_size"] = info.step_size
+
+    # ------------------------------------------------------------------------------------------
+    # state_dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's usual layout (per-index ``exp_avg``/``exp_avg_sq``, param groups) plus a
+        ``"salsa"`` entry with every global scalar. Tensors in ``state`` are live views of the
+        optimizer's buffers, as with torch's own optimizers; ``torch.save`` copies them."""
+        sd = super().state_dict()
+        sd["salsa"] = asdict(self._fold_pending_skips())
+        return sd
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; resuming continues exactly as if never stopped.
+
+        Tensors may come from another device (a GPU checkpoint loads on CPU) and are cast to the
+        optimizer's state dtype.
+        """
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        for key in ("state", "param_groups", "salsa"):
+            if key not in state_dict:
+                raise ValueError(f"not a SaLSA state_dict: it has no {key!r} entry")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for g, sg in zip(self.param_groups, saved_groups):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+        saved_scalars = state_dict["salsa"]
+        names = {f.name for f in fields(_Scalars)}
+        if not names.issubset(saved_scalars):
+            raise ValueError(f"the state_dict's 'salsa' entry misses {sorted(names - set(saved_scalars))}")
+
+        index_of = {}
+        for g, sg in zip(self.param_groups, saved_groups):
+            for p, i in zip(g["params"], sg["params"]):
+                index_of[p] = i
+        saved_state = state_dict["state"]
+        with torch.no_grad():
+            for b in self._buckets:
+                for p in b.params:
+                    entry = saved_state.get(index_of[p])
+                    for key, view in self.state[p].items():
+                        if entry is None:  # no state saved for it (e.g. it was frozen then)
+                            view.zero_()
+                            continue
+                        value = entry.get(key)
+                        if not isinstance(value, torch.Tensor) or value.shape != view.shape:
+                            raise ValueError(
+                                f"state {key!r} of parameter {index_of[p]} has shape "
+                                f"{tuple(getattr(value, 'shape', ()))}, expected {tuple(view.shape)}"
+                            )
+                        view.copy_(value)
+
+        for g, sg in zip(self.param_groups, saved_groups):
+            for key, value in sg.items():
+                if key not in ("params", "param_names"):
+                    g[key] = value
+        self._scalars = _Scalars(**{n: saved_scalars[n] for n in names})
+        self._pending_skips = None
+        self._last = StepInfo(step_size=self._scalars.step_size)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+
+class SLS(SaLSA):
+    """Plain Armijo line search every step (the paper's "SLS" baseline): SaLSA with ``beta3 = 0``
+    and ``speed_up=False``. Takes SaLSA's arguments except ``momentum``/``speed_up``."""
+
+    def __init__(self, params, init_step_size: float = 1.0, c: float = 0.5, betas: tuple[float, float] = (0.9, 0.999),
+                 use_mv: bool = False, weight_decay: float = 0.0, **kwargs):  # fmt: skip
+        for key in ("momentum", "speed_up"):
+            if key in kwargs:
+                raise TypeError(f"SLS fixes {key!r}; use SaLSA to choose it")
+        super().__init__(params, init_step_size, c, (*betas, 0.0), False, use_mv, weight_decay, **kwargs)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
