@@ -1,0 +1,161 @@
+"""Small real models on scikit-learn's digits, and a training loop that records decisions."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+_DIGITS = None
+
+
+def digits(dtype=torch.float32):
+    """(images scaled to [0, 1] as N x 64, labels)."""
+    global _DIGITS
+    if _DIGITS is None:
+        x, y = load_digits(return_X_y=True)
+        _DIGITS = torch.tensor(x / 16.0), torch.tensor(y)
+    x, y = _DIGITS
+    return x.to(dtype), y
+
+
+def mlp(dtype=torch.float32, seed=0, hidden=33):
+    """Digits MLP with an odd hidden size."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10)).to(dtype)
+
+
+def chaotic_mlp(dtype=torch.float32, seed=0):
+    """A deeper, narrow tanh MLP on which SaLSA with use_mv=True is chaotic: last-bit differences
+    grow to ~1e-6 within 150 float64 steps, between *any* two implementations (the published
+    package against a plain restatement included)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 33), nn.Tanh(), nn.Linear(33, 17), nn.Tanh(), nn.Linear(17, 10)).to(dtype)
+
+
+class ConvNet(nn.Module):
+    """A small conv net on the 8x8 digit images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3)
+        self.head = nn.Linear(8 * 3 * 3, 10)
+
+    def forward(self, x):
+        x = x.view(-1, 1, 8, 8)
+        x = torch.relu(self.conv1(x))
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.head(x.flatten(1))
+
+
+def convnet(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return ConvNet().to(dtype)
+
+
+class PixelLM(nn.Module):
+    """A tiny transformer with dropout: next-pixel prediction over digit images read as tokens.
+
+    Each image is a sequence of its 64 pixel intensities (17 levels); the model predicts the next
+    intensity from the previous ones (causal mask).
+    """
+
+    vocab = 17
+
+    def __init__(self, width=16, heads=2, layers=1, dropout=0.1, seq=16):
+        super().__init__()
+        self.seq = seq
+        self.embed = nn.Embedding(self.vocab, width)
+        self.pos = nn.Parameter(torch.randn(seq, width) * 0.1)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width + 1, dropout=dropout, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, self.vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        n = tokens.shape[1]
+        return self.head(self.body(h, mask=self.mask[:n, :n].to(h.dtype), is_causal=True))
+
+
+def pixel_lm(dtype=torch.float32, seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    return PixelLM(dropout=dropout).to(dtype)
+
+
+def pixel_tokens():
+    x, _ = digits(torch.float64)
+    return (x * 16).round().long()
+
+
+@dataclass
+class Run:
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    calls: list[int] = field(default_factory=list)  # cumulative closure calls after each step
+    losses: list[float] = field(default_factory=list)
+
+
+def batches(n_items, steps, batch=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, n_items, (batch,), generator=g) for _ in range(steps)]
+
+
+def make_closure(model, kind, idx, dtype, counter):
+    loss_fn = nn.CrossEntropyLoss()
+    if kind == "lm":
+        tokens = pixel_tokens()[idx]
+        seq = model.seq
+        inputs, targets = tokens[:, : seq], tokens[:, 1 : seq + 1]
+
+        def closure(backwards=False):
+            counter[0] += 1
+            logits = model(inputs)
+            loss = loss_fn(logits.reshape(-1, PixelLM.vocab).float(), targets.reshape(-1))
+            if backwards:
+                loss.backward()
+            return loss
+
+        return closure
+    x, y = digits(dtype)
+    xb, yb = x[idx], y[idx]
+
+    def closure(backwards=False):
+        counter[0] += 1
+        loss = loss_fn(model(xb).float(), yb)
+        if backwards:
+            loss.backward()
+        return loss
+
+    return closure
+
+
+def train(model, opt, steps, kind="digits", dtype=torch.float32, seed=1, start=0, batch=64, zero_grad=None, rng_seed=0):
+    """Train ``steps`` steps (from batch number ``start``) and record closure calls per step.
+
+    ``rng_seed`` reseeds torch's global generator first (so two runs see the same dropout
+    masks); pass None to continue from the current state (e.g. after restoring it).
+    """
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
+    n = pixel_tokens().shape[0] if kind == "lm" else digits()[0].shape[0]
+    run = Run(model, opt)
+    counter = [0]
+    plan = batches(n, start + steps, batch, seed)[start:]
+    with contextlib.redirect_stdout(io.StringIO()):  # the published package prints
+        for idx in plan:
+            closure = make_closure(model, kind, idx, dtype, counter)
+            (zero_grad or opt.zero_grad)()
+            loss = opt.step(closure)
+            run.calls.append(counter[0])
+            run.losses.append(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
+    return run
+
+
+def max_abs_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((p.double() - q.double()).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
