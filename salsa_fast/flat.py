@@ -98,8 +98,7 @@ class FlatBucket:
             for p, pv, gv in zip(self.params, self.param_views, self.grad_views):
                 pv.copy_(p.detach())
                 if p.grad is not None:
-                    _check_dense_grad(p.grad)
-                    gv.copy_(p.grad)
+                    gv.copy_(_dense(p.grad))
                 p.data = pv
                 p.grad = gv
         self._ptrs = list(map(_data_ptr, self.params))
@@ -151,7 +150,9 @@ class FlatBucket:
         """Bring gradients that are not our views back into the flat gradient buffer.
 
         ``None`` (e.g. after ``model.zero_grad()`` for a parameter the loss did not use) becomes a
-        zero gradient; a replaced tensor is copied in. Either way ``p.grad`` is the view again.
+        zero gradient; a replaced tensor is copied in (a sparse one densified, as autograd does
+        when it accumulates a sparse gradient into the attached view). Either way ``p.grad`` is
+        the view again.
         """
         for p, view in zip(self.params, self.grad_views):
             g = p.grad
@@ -160,8 +161,7 @@ class FlatBucket:
             if g is None:
                 view.zero_()
             else:
-                _check_dense_grad(g)
-                view.copy_(g)
+                view.copy_(_dense(g))
             p.grad = view
 
     def attach_grads(self) -> None:
@@ -172,9 +172,9 @@ class FlatBucket:
                     p.grad = view
 
 
-def _check_dense_grad(g: torch.Tensor) -> None:
-    if g.is_sparse or g.layout != torch.strided:
-        raise RuntimeError(
-            "SaLSA does not support sparse gradients (got a gradient with layout "
-            f"{g.layout}); use dense gradients, e.g. nn.Embedding(sparse=False)"
-        )
+def has_sparse_grad(params: list[torch.Tensor]) -> bool:
+    return any(p.grad is not None and p.grad.layout != torch.strided for p in params)
+
+
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    return g if g.layout == torch.strided else g.to_dense()

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from . import backends
 from .closure import call_closure, check_closure, draw_seed
-from .flat import FlatBucket
+from .flat import FlatBucket, has_sparse_grad
 
 __all__ = ["SaLSA", "SLS", "StepInfo", "SaLSAWarning"]
 
@@ -197,6 +197,9 @@ class SaLSA(Optimizer):
                 f"param group sets {shared}: SaLSA finds one step size for all groups, so only 'lr' "
                 "(a multiplier on the step size) and 'weight_decay' may differ per group"
             )
+        params = param_group.get("params")
+        if isinstance(params, (list, tuple)) and len(set(map(id, params))) != len(params):
+            raise ValueError("a param group lists the same parameter twice")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for key in ("lr", "weight_decay"):
@@ -269,6 +272,12 @@ class SaLSA(Optimizer):
     def _adopt_grads(self) -> None:
         for b in self._buckets:
             if not b.grads_intact():
+                if has_sparse_grad(b.params):
+                    self._warn_once(
+                        "sparse",
+                        "sparse gradients are densified into SaLSA's flat gradient buffer: the update is "
+                        "correct, but sparse=True saves no memory or time with this optimizer",
+                    )
                 self._warn_once(
                     "grads",
                     "a parameter's .grad was replaced or set to None (e.g. by model.zero_grad()); SaLSA "
@@ -553,6 +562,11 @@ class SaLSA(Optimizer):
                             view.zero_()
                             continue
                         value = entry.get(key)
+                        if value is None:
+                            raise ValueError(
+                                f"the state of parameter {index_of[p]} has no {key!r} (a checkpoint "
+                                f"of direction={'sgd' if self.direction == 'adam' else 'adam'}?)"
+                            )
                         if not isinstance(value, torch.Tensor) or value.shape != view.shape:
                             raise ValueError(
                                 f"state {key!r} of parameter {index_of[p]} has shape "
