@@ -218,13 +218,17 @@ class SaLSA(Optimizer):
             self._repack()
 
     def _repack(self) -> None:
-        """(Re)build the flat buckets from the param groups, carrying per-parameter state over."""
-        old_state = {}
+        """(Re)build the flat buckets from the param groups, carrying per-parameter state over.
+
+        Parameters that stop requiring grad leave the buffers; their moments are parked (and
+        saved in state_dict) until they are unfrozen, as torch's optimizers keep them.
+        """
+        old_state = dict(getattr(self, "_parked", {}))
         for b in getattr(self, "_buckets", []):
             m_views = b.views_of(b.exp_avg)
             v_views = b.views_of(b.exp_avg_sq) if b.exp_avg_sq is not None else [None] * len(b.params)
             for p, m, v in zip(b.params, m_views, v_views):
-                old_state[p] = (m, v)
+                old_state[p] = {"exp_avg": m} if v is None else {"exp_avg": m, "exp_avg_sq": v}
 
         buckets: list[FlatBucket] = []
         for gi, group in enumerate(self.param_groups):
@@ -236,16 +240,20 @@ class SaLSA(Optimizer):
                 buckets.append(FlatBucket(plist, gi, keep_second_moment=self.direction == "adam"))
 
         self.state.clear()
-        for b in buckets:
-            m_views = b.views_of(b.exp_avg)
-            v_views = b.views_of(b.exp_avg_sq) if b.exp_avg_sq is not None else [None] * len(b.params)
-            for p, m, v in zip(b.params, m_views, v_views):
-                if p in old_state:
-                    old_m, old_v = old_state[p]
-                    m.copy_(old_m)
-                    if v is not None:
-                        v.copy_(old_v)
-                self.state[p] = {"exp_avg": m} if v is None else {"exp_avg": m, "exp_avg_sq": v}
+        with torch.no_grad():
+            for b in buckets:
+                m_views = b.views_of(b.exp_avg)
+                v_views = b.views_of(b.exp_avg_sq) if b.exp_avg_sq is not None else [None] * len(b.params)
+                for p, m, v in zip(b.params, m_views, v_views):
+                    entry = {"exp_avg": m} if v is None else {"exp_avg": m, "exp_avg_sq": v}
+                    for key, old in old_state.pop(p, {}).items():
+                        entry[key].copy_(old)
+                    self.state[p] = entry
+        in_groups = {p for g in self.param_groups for p in g["params"]}
+        self._parked = {
+            p: {k: t.detach().clone() for k, t in entry.items()} for p, entry in old_state.items() if p in in_groups
+        }
+        self.state.update(self._parked)
 
         self._buckets = buckets
         self._all_params = [p for g in self.param_groups for p in g["params"]]
@@ -553,26 +561,28 @@ class SaLSA(Optimizer):
             for p, i in zip(g["params"], sg["params"]):
                 index_of[p] = i
         saved_state = state_dict["state"]
+        copies = []  # (our tensor, saved tensor or None for zeros): all checked before any is made
+        for p, entry in self.state.items():
+            saved = saved_state.get(index_of[p])
+            for key, target in entry.items():
+                if saved is None:  # no state saved for it (e.g. it was frozen then)
+                    copies.append((target, None))
+                    continue
+                value = saved.get(key)
+                if value is None:
+                    raise ValueError(
+                        f"the state of parameter {index_of[p]} has no {key!r} (a checkpoint "
+                        f"of direction={'sgd' if self.direction == 'adam' else 'adam'}?)"
+                    )
+                if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+                    raise ValueError(
+                        f"state {key!r} of parameter {index_of[p]} has shape "
+                        f"{tuple(getattr(value, 'shape', ()))}, expected {tuple(target.shape)}"
+                    )
+                copies.append((target, value))
         with torch.no_grad():
-            for b in self._buckets:
-                for p in b.params:
-                    entry = saved_state.get(index_of[p])
-                    for key, view in self.state[p].items():
-                        if entry is None:  # no state saved for it (e.g. it was frozen then)
-                            view.zero_()
-                            continue
-                        value = entry.get(key)
-                        if value is None:
-                            raise ValueError(
-                                f"the state of parameter {index_of[p]} has no {key!r} (a checkpoint "
-                                f"of direction={'sgd' if self.direction == 'adam' else 'adam'}?)"
-                            )
-                        if not isinstance(value, torch.Tensor) or value.shape != view.shape:
-                            raise ValueError(
-                                f"state {key!r} of parameter {index_of[p]} has shape "
-                                f"{tuple(getattr(value, 'shape', ()))}, expected {tuple(view.shape)}"
-                            )
-                        view.copy_(value)
+            for target, value in copies:
+                target.zero_() if value is None else target.copy_(value)
 
         for g, sg in zip(self.param_groups, saved_groups):
             for key, value in sg.items():

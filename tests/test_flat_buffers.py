@@ -1,0 +1,282 @@
+"""Parameters and gradients as views into flat buffers, and everything users do behind the
+optimizer's back: model.zero_grad(), replaced .grad/.data, model.load_state_dict, model.to(),
+freezing, new param groups, unused parameters."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import convnet, digits, max_abs_diff, mlp, train
+from torch import nn
+
+from salsa_fast import SaLSA, SaLSAWarning
+from salsa_fast.reference import SaLSAReference
+
+
+def _inside(t, flat):
+    start = flat.data_ptr()
+    end = start + flat.numel() * flat.element_size()
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= end
+
+
+def test_params_and_grads_are_views_into_one_buffer():
+    model = mlp()
+    opt = SaLSA(model.parameters())
+    (bucket,) = opt._buckets
+    for p in model.parameters():
+        assert _inside(p, bucket.param) and _inside(p.grad, bucket.grad)
+    train(model, opt, 12)
+    opt.zero_grad(set_to_none=True)  # grads stay (zeroed) views: autograd accumulates into them
+    for p in model.parameters():
+        assert p.grad is not None and not p.grad.any() and _inside(p.grad, bucket.grad)
+
+
+def test_values_are_preserved_when_packing():
+    model = convnet()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    SaLSA(model.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_channels_last_weights_keep_their_layout():
+    conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    stride = conv.weight.stride()
+    opt = SaLSA(conv.parameters())
+    assert conv.weight.stride() == stride and conv.weight.grad.stride() == stride
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+
+    def closure(backwards=False):
+        loss = conv(x).pow(2).mean()
+        if backwards:
+            loss.backward()
+        return loss
+
+    ref_conv = nn.Conv2d(3, 8, 3)
+    ref_conv.load_state_dict(conv.state_dict())
+    ref = SaLSAReference(ref_conv.parameters())
+
+    def ref_closure(backwards=False):
+        loss = ref_conv(x.contiguous()).pow(2).mean()
+        if backwards:
+            loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.zero_grad()
+        opt.step(closure)
+        ref.zero_grad()
+        ref.step(ref_closure)
+    assert conv.weight.stride() == stride
+    assert torch.allclose(conv.weight, ref_conv.weight, atol=1e-6)
+
+
+def test_model_zero_grad_is_detected_and_gives_the_same_result():
+    a, b = mlp(torch.float64), mlp(torch.float64)
+    ra = train(a, SaLSA(a.parameters()), 30, dtype=torch.float64)
+    with pytest.warns(SaLSAWarning, match="model.zero_grad"):
+        rb = train(b, SaLSA(b.parameters()), 30, dtype=torch.float64, zero_grad=b.zero_grad)
+    assert ra.calls == rb.calls
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_replaced_grad_tensor_is_copied_in():
+    model = mlp(torch.float64)
+    opt = SaLSA(model.parameters())
+    x, y = digits(torch.float64)
+    ref_model = mlp(torch.float64)
+    ref = SaLSAReference(ref_model.parameters())
+
+    def closure_for(m, replace):
+        def closure(backwards=False):
+            loss = nn.functional.cross_entropy(m(x[:64]), y[:64])
+            if backwards:
+                loss.backward()
+                if replace:  # e.g. a hook that swaps in a processed gradient
+                    for p in m.parameters():
+                        p.grad = p.grad * 0.5
+            return loss
+
+        return closure
+
+    with pytest.warns(SaLSAWarning, match="replaced"):
+        for _ in range(5):
+            opt.zero_grad()
+            opt.step(closure_for(model, True))
+            ref.zero_grad()
+            ref.step(closure_for(ref_model, True))
+    assert max_abs_diff(model, ref_model) <= 1e-12
+
+
+def test_unused_parameters_get_a_zero_gradient():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(64, 10)
+            self.unused = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.used(x)
+
+    def make():
+        torch.manual_seed(0)
+        return WithUnused().double()
+
+    a, b = make(), make()
+    before = [p.detach().clone() for p in a.unused.parameters()]
+    ra = train(a, SaLSA(a.parameters()), 40, dtype=torch.float64)
+    rb = train(b, SaLSAReference(b.parameters()), 40, dtype=torch.float64, zero_grad=b.zero_grad)
+    assert ra.calls == rb.calls
+    assert max_abs_diff(a, b) <= 1e-9
+    assert all(torch.equal(p, q) for p, q in zip(a.unused.parameters(), before))
+
+
+def test_model_load_state_dict_after_the_optimizer_was_built():
+    trained = mlp(torch.float64, seed=3)
+    train(trained, SaLSA(trained.parameters()), 20, dtype=torch.float64)
+
+    late = mlp(torch.float64)
+    opt = SaLSA(late.parameters())
+    late.load_state_dict(trained.state_dict())  # copies into the flat buffer in place
+    early = mlp(torch.float64)
+    early.load_state_dict(trained.state_dict())
+    ref = SaLSAReference(early.parameters())
+    ra = train(late, opt, 30, dtype=torch.float64)
+    rb = train(early, ref, 30, dtype=torch.float64)
+    assert ra.calls == rb.calls and max_abs_diff(late, early) <= 1e-9
+
+
+def test_replaced_param_data_is_adopted():
+    a, b = mlp(torch.float64), mlp(torch.float64)
+    opt_a, opt_b = SaLSA(a.parameters()), SaLSA(b.parameters())
+    train(a, opt_a, 15, dtype=torch.float64)
+    train(b, opt_b, 15, dtype=torch.float64)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.data = p.data * 0.5  # a new tensor: the optimizer's view is gone
+        for p in b.parameters():
+            p.mul_(0.5)  # in place, into the flat buffer
+    ra = train(a, opt_a, 15, dtype=torch.float64, start=15)
+    rb = train(b, opt_b, 15, dtype=torch.float64, start=15)
+    assert ra.calls == rb.calls
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(_inside(p, opt_a._buckets[0].param) for p in a.parameters())
+
+
+def test_model_to_another_dtype_after_the_optimizer_was_built():
+    model = mlp()
+    opt = SaLSA(model.parameters())
+    train(model, opt, 10)
+    m_before = [s["exp_avg"].clone() for s in opt.state_dict()["state"].values()]
+    model.double()
+    train(model, opt, 1, dtype=torch.float64, start=10)  # repacks, then steps
+    assert [b.dtype for b in opt._buckets] == [torch.float64]
+    assert all(_inside(p, opt._buckets[0].param) for p in model.parameters())
+    # the moments came along (then took one step's update)
+    m_after = [s["exp_avg"] for s in opt.state_dict()["state"].values()]
+    for old, new in zip(m_before, m_after):
+        assert new.dtype == torch.float64
+        assert torch.allclose(new, old.double() * 0.9, atol=1.0)
+        assert not torch.equal(new, torch.zeros_like(new))
+    r = train(model, opt, 20, dtype=torch.float64, start=11)
+    assert r.losses[-1] < r.losses[0]
+
+
+def test_freezing_and_unfreezing_mid_training():
+    model = mlp(torch.float64)
+    opt = SaLSA(model.parameters())
+    train(model, opt, 10, dtype=torch.float64)
+    first = model[0]
+    m_saved = opt.state[first.weight]["exp_avg"].clone()
+    first.requires_grad_(False)
+    frozen = first.weight.detach().clone()
+    train(model, opt, 10, dtype=torch.float64, start=10)
+    assert torch.equal(first.weight, frozen)
+    assert torch.equal(opt.state[first.weight]["exp_avg"], m_saved)  # parked, as torch keeps it
+    assert 0 in opt.state_dict()["state"]
+    first.requires_grad_(True)
+    train(model, opt, 1, dtype=torch.float64, start=20)
+    assert not torch.equal(first.weight, frozen)
+    # its moments were kept while frozen and decayed once on the step after
+    assert torch.allclose(opt.state[first.weight]["exp_avg"], m_saved * 0.9, atol=1e-2)
+
+
+def test_add_param_group_mid_training():
+    model = mlp(torch.float64)
+    head = list(model.parameters())[-2:]
+    body = list(model.parameters())[:-2]
+    for p in body:
+        p.requires_grad_(True)
+    opt = SaLSA(head)
+    train(model, opt, 10, dtype=torch.float64)
+    frozen_body = [p.detach().clone() for p in body]
+    assert all(torch.equal(p, q) for p, q in zip(body, frozen_body)) is True
+    opt.add_param_group({"params": body, "lr": 0.5})
+    r = train(model, opt, 10, dtype=torch.float64, start=10)
+    assert not all(torch.equal(p, q) for p, q in zip(body, frozen_body))
+    assert len(opt._buckets) == 2 and r.losses[-1] < r.losses[0] * 2
+
+
+def test_zero_grad_inside_the_closure_does_not_break_the_search():
+    """LBFGS-style closures zero the gradients themselves; during a trial that would wipe the
+    gradient the search is using, so the optimizer ignores it there."""
+
+    def run(inside):
+        model = mlp(torch.float64)
+        opt = SaLSA(model.parameters())
+        x, y = digits(torch.float64)
+        calls = 0
+        for step in range(25):
+            xb, yb = x[step * 40 : step * 40 + 40], y[step * 40 : step * 40 + 40]
+
+            def closure(backwards=False):
+                nonlocal calls
+                calls += 1
+                if inside:
+                    opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                if backwards:
+                    loss.backward()
+                return loss
+
+            if not inside:
+                opt.zero_grad()
+            opt.step(closure)
+        return model, calls
+
+    a, calls_a = run(True)
+    b, calls_b = run(False)
+    assert calls_a == calls_b
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_gradient_accumulation_inside_the_closure():
+    def run(micro):
+        model = mlp(torch.float64)
+        opt = SaLSA(model.parameters())
+        x, y = digits(torch.float64)
+        for step in range(15):
+            xb, yb = x[step * 64 : step * 64 + 64], y[step * 64 : step * 64 + 64]
+
+            def closure(backwards=False):
+                if not backwards:
+                    return nn.functional.cross_entropy(model(xb), yb)
+                total = 0.0
+                for xs, ys in zip(xb.chunk(micro), yb.chunk(micro)):
+                    loss = nn.functional.cross_entropy(model(xs), ys) / micro
+                    loss.backward()
+                    total = total + loss.detach()
+                return total
+
+            opt.zero_grad()
+            opt.step(closure)
+        return model
+
+    assert max_abs_diff(run(1), run(4)) <= 1e-9
+
+
+def test_no_warning_on_the_fast_path():
+    model = mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, SaLSA(model.parameters()), 20)
