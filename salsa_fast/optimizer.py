@@ -174,7 +174,9 @@ class SaLSA(Optimizer):
         self._last = StepInfo(step_size=self.init_step_size)
         self._warned: set[str] = set()
         self._in_search = False
-        self._pending_skips: torch.Tensor | None = None  # device-side count, folded in on read
+        # CUDA non-search steps skip non-finite gradients on the device; their count waits here
+        # and is read with the next search's one sync (or by state_dict()).
+        self._pending_skips: torch.Tensor | None = None
         self._repack()
         self._ready = True
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -332,8 +334,11 @@ class SaLSA(Optimizer):
 
     @property
     def stats(self) -> dict[str, float]:
-        """Numbers worth logging: step size, search interval, counters of the whole run."""
-        s = self._fold_pending_skips()
+        """Numbers worth logging: step size, search interval, counters of the whole run.
+
+        Reading it never syncs; on CUDA, ``skipped_steps`` counts device-side skips of
+        non-search steps as of the last search (``state_dict()`` counts them all)."""
+        s = self._scalars
         return {
             "step_size": s.step_size,
             "search_interval": self.search_interval,
@@ -442,7 +447,12 @@ class SaLSA(Optimizer):
             for b, lr, decay in zip(buckets, lrs, decays):
                 pp_b = backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h)
                 pp = pp + lr * pp_b.to(dev, torch.float64)
-            loss_v, pp_v = torch.stack([loss.to(dev, torch.float64), pp]).tolist()  # the one sync
+            read = [loss.to(dev, torch.float64), pp]
+            if self._pending_skips is not None:
+                read.append(self._pending_skips.to(dev, torch.float64))
+                self._pending_skips = None
+            loss_v, pp_v, *skips = torch.stack(read).tolist()  # the one sync of the search
+            s.skipped += int(sum(skips))
             if not (math.isfinite(loss_v) and math.isfinite(pp_v)):
                 for b in buckets:
                     backend.search_abort(b)

@@ -1,0 +1,122 @@
+"""CUDA-only behaviour of the torch backend (skipped without a GPU): host syncs, device-side
+skipping of non-finite gradients, GPU checkpoints loading on CPU, CPU/GPU agreement."""
+
+import io
+
+import pytest
+import torch
+from conftest import cuda
+from helpers import digits, max_abs_diff, mlp, train
+from torch import nn
+
+from salsa_fast import SaLSA
+
+pytestmark = cuda
+
+
+def _cuda_closure(model, step, dtype=torch.float32):
+    x, y = digits(dtype)
+    xb, yb = x[step * 32 : step * 32 + 32].cuda(), y[step * 32 : step * 32 + 32].cuda()
+
+    def closure(backwards=False):
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        if backwards:
+            loss.backward()
+        return loss
+
+    return closure
+
+
+def _next_step_searches(opt):
+    s = opt._scalars
+    return s.step + 1 < 10 or s.since_search + 1 >= opt.search_interval
+
+
+def test_non_search_step_does_not_sync():
+    model = mlp().cuda()
+    opt = SaLSA(model.parameters(), backend="torch")
+    step = 0
+    while opt._scalars.step < 12 or _next_step_searches(opt):
+        opt.zero_grad()
+        opt.step(_cuda_closure(model, step))
+        step += 1
+    closure = _cuda_closure(model, step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.zero_grad()
+        opt.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not opt.last_step.searched
+
+
+def test_non_finite_gradient_is_skipped_on_the_device():
+    model = mlp().cuda()
+    opt = SaLSA(model.parameters(), backend="torch")
+    step = 0
+    while opt._scalars.step < 12 or _next_step_searches(opt):
+        opt.zero_grad()
+        opt.step(_cuda_closure(model, step))
+        step += 1
+    before = [p.detach().clone() for p in model.parameters()]
+    inner = _cuda_closure(model, step)
+
+    def poisoned(backwards=False):
+        loss = inner(backwards)
+        if backwards:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        return loss
+
+    opt.zero_grad()
+    opt.step(poisoned)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.state_dict()["salsa"]["skipped"] == 1
+
+
+def test_gpu_checkpoint_loads_on_cpu():
+    gpu_model = mlp().cuda()
+    gpu_opt = SaLSA(gpu_model.parameters())
+    for step in range(15):
+        gpu_opt.zero_grad()
+        gpu_opt.step(_cuda_closure(gpu_model, step))
+    buf = io.BytesIO()
+    torch.save({"model": gpu_model.state_dict(), "opt": gpu_opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, map_location="cpu", weights_only=True)
+    cpu_model = mlp()
+    cpu_opt = SaLSA(cpu_model.parameters())
+    cpu_model.load_state_dict(ckpt["model"])
+    cpu_opt.load_state_dict(ckpt["opt"])
+    assert cpu_opt.step_size == gpu_opt.step_size
+    for i, s in cpu_opt.state_dict()["state"].items():
+        for k, v in s.items():
+            assert v.device.type == "cpu"
+            assert torch.equal(v, gpu_opt.state_dict()["state"][i][k].cpu())
+
+
+@pytest.mark.parametrize("options", [{}, dict(use_mv=True), dict(direction="sgd", init_step_size=0.1)], ids=str)
+def test_cuda_matches_cpu_in_float64(options):
+    a, b = mlp(torch.float64), mlp(torch.float64).cuda()
+    ra = train(a, SaLSA(a.parameters(), **options), 60, dtype=torch.float64)
+    opt_b = SaLSA(b.parameters(), backend="torch", **options)
+    x, y = digits(torch.float64)
+    from helpers import batches
+
+    calls = []
+    count = [0]
+    for idx in batches(len(x), 60):
+        xb, yb = x[idx].cuda(), y[idx].cuda()
+
+        def closure(backwards=False):
+            count[0] += 1
+            loss = nn.functional.cross_entropy(b(xb), yb)
+            if backwards:
+                loss.backward()
+            return loss
+
+        opt_b.zero_grad()
+        opt_b.step(closure)
+        calls.append(count[0])
+    assert calls == ra.calls
+    assert max_abs_diff(a, b.cpu()) <= 1e-9
