@@ -378,7 +378,7 @@ class SaLSA(Optimizer):
         self._adopt_grads()
 
         s = self._scalars
-        beta1, beta2, beta3 = self.betas
+        beta1, beta2, _ = self.betas
         k = s.step + 1
         since = s.since_search + 1
         search = not self.speed_up or k < _WARMUP_SEARCHES or since >= self.search_interval

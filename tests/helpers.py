@@ -159,3 +159,9 @@ def train(model, opt, steps, kind="digits", dtype=torch.float32, seed=1, start=0
 
 def max_abs_diff(a: nn.Module, b: nn.Module) -> float:
     return max((p.double() - q.double()).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def next_step_searches(opt) -> bool:
+    """Whether SaLSA's next step will run a line search (mirrors its interval rule)."""
+    s = opt._scalars
+    return s.step + 1 < 10 or s.since_search + 1 >= opt.search_interval

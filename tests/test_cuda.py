@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 from conftest import cuda
-from helpers import digits, max_abs_diff, mlp, train
+from helpers import batches, digits, max_abs_diff, mlp, next_step_searches, train
 from torch import nn
 
 from salsa_fast import SaLSA
@@ -27,19 +27,20 @@ def _cuda_closure(model, step, dtype=torch.float32):
     return closure
 
 
-def _next_step_searches(opt):
-    s = opt._scalars
-    return s.step + 1 < 10 or s.since_search + 1 >= opt.search_interval
-
-
-def test_non_search_step_does_not_sync():
+def _up_to_a_non_search_step():
+    """A CUDA model and optimizer whose next step will not search; and that step's index."""
     model = mlp().cuda()
     opt = SaLSA(model.parameters(), backend="torch")
     step = 0
-    while opt._scalars.step < 12 or _next_step_searches(opt):
+    while opt._scalars.step < 12 or next_step_searches(opt):
         opt.zero_grad()
         opt.step(_cuda_closure(model, step))
         step += 1
+    return model, opt, step
+
+
+def test_non_search_step_does_not_sync():
+    model, opt, step = _up_to_a_non_search_step()
     closure = _cuda_closure(model, step)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -52,13 +53,7 @@ def test_non_search_step_does_not_sync():
 
 
 def test_non_finite_gradient_is_skipped_on_the_device():
-    model = mlp().cuda()
-    opt = SaLSA(model.parameters(), backend="torch")
-    step = 0
-    while opt._scalars.step < 12 or _next_step_searches(opt):
-        opt.zero_grad()
-        opt.step(_cuda_closure(model, step))
-        step += 1
+    model, opt, step = _up_to_a_non_search_step()
     before = [p.detach().clone() for p in model.parameters()]
     inner = _cuda_closure(model, step)
 
@@ -101,8 +96,6 @@ def test_cuda_matches_cpu_in_float64(options):
     ra = train(a, SaLSA(a.parameters(), **options), 60, dtype=torch.float64)
     opt_b = SaLSA(b.parameters(), backend="torch", **options)
     x, y = digits(torch.float64)
-    from helpers import batches
-
     calls = []
     count = [0]
     for idx in batches(len(x), 60):

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import digits, max_abs_diff, mlp, train
+from helpers import digits, max_abs_diff, mlp, next_step_searches, train
 from torch import nn
 
 from salsa_fast import SaLSA, SaLSAWarning
@@ -47,11 +47,6 @@ def _assert_unchanged(model, opt, snap, ignore=("forwards", "backwards", "skippe
             assert torch.equal(sd["state"][i][k], v)
     now = {k: v for k, v in sd["salsa"].items() if k not in ignore}
     assert now == {k: v for k, v in scalars.items() if k not in ignore}
-
-
-def _next_step_searches(opt):
-    s = opt._scalars
-    return s.step + 1 < 10 or s.since_search + 1 >= opt.search_interval
 
 
 # -- the closure ---------------------------------------------------------------------------------
@@ -195,7 +190,7 @@ def test_non_finite_gradient_pass_skips_the_step(searching, where):
     model = mlp()
     opt = SaLSA(model.parameters())
     train(model, opt, 30)
-    while _next_step_searches(opt) != searching:
+    while next_step_searches(opt) != searching:
         train(model, opt, 1, start=30)
     snap = _snapshot(model, opt)
     first = next(model.parameters())
