@@ -3,7 +3,9 @@
 A :class:`FlatBucket` owns the parameters of one (param group, device, dtype). Their values live
 in one contiguous buffer and each ``p.data`` becomes a view into it; their gradients live in a
 matching buffer with each ``p.grad`` a view, so autograd accumulates straight into it and
-``zero_grad()`` is one memset. The optimizer state (``exp_avg``, ``exp_avg_sq``, the search
+``zero_grad()`` is one memset. The gradient views are attached at the first step after packing,
+once the gradients autograd produced on its own have been looked at (a sparse one is an error:
+attached to a dense view, autograd would densify it silently). The optimizer state (``exp_avg``, ``exp_avg_sq``, the search
 backup) lives in buffers of the same layout, so every update is a handful of whole-buffer ops
 (torch backend) or one kernel launch per buffer (Triton backend), never a loop over tensors.
 
@@ -95,13 +97,11 @@ class FlatBucket:
         self.param_views = [_view_like(self.param, o, p) for p, o in zip(self.params, self.offsets)]
         self.grad_views = [_view_like(self.grad, o, p) for p, o in zip(self.params, self.offsets)]
         with torch.no_grad():
-            for p, pv, gv in zip(self.params, self.param_views, self.grad_views):
+            for p, pv in zip(self.params, self.param_views):
                 pv.copy_(p.detach())
-                if p.grad is not None:
-                    gv.copy_(_dense(p.grad))
                 p.data = pv
-                p.grad = gv
         self._ptrs = list(map(_data_ptr, self.params))
+        self.grads_attached = False  # see adopt_grads
 
     # -- views --------------------------------------------------------------------------------
     def views_of(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -147,34 +147,34 @@ class FlatBucket:
 
     @torch.no_grad()
     def adopt_grads(self) -> None:
-        """Bring gradients that are not our views back into the flat gradient buffer.
+        """Bring gradients that are not our views into the flat gradient buffer and attach views.
 
         ``None`` (e.g. after ``model.zero_grad()`` for a parameter the loss did not use) becomes a
-        zero gradient; a replaced tensor is copied in (a sparse one densified, as autograd does
-        when it accumulates a sparse gradient into the attached view). Either way ``p.grad`` is
-        the view again.
+        zero gradient; any other tensor is copied in. Raises ``RuntimeError`` for a sparse
+        gradient, before anything is changed.
         """
-        for p, view in zip(self.params, self.grad_views):
-            g = p.grad
+        grads = list(map(_grad_of, self.params))
+        if any(g is not None and g.layout != torch.strided for g in grads):
+            raise RuntimeError(
+                "SaLSA does not support sparse gradients (e.g. nn.Embedding(sparse=True)): "
+                "use dense gradients (sparse=False)"
+            )
+        for p, g, view in zip(self.params, grads, self.grad_views):
             if g is view:
                 continue
             if g is None:
                 view.zero_()
             else:
-                view.copy_(_dense(g))
+                view.copy_(g)
             p.grad = view
+        self.grads_attached = True
 
-    def attach_grads(self) -> None:
-        """Point every ``p.grad`` back at its view (without touching values)."""
-        if not self.grads_intact():
-            for p, view in zip(self.params, self.grad_views):
-                if p.grad is not view:
-                    p.grad = view
-
-
-def has_sparse_grad(params: list[torch.Tensor]) -> bool:
-    return any(p.grad is not None and p.grad.layout != torch.strided for p in params)
-
-
-def _dense(g: torch.Tensor) -> torch.Tensor:
-    return g if g.layout == torch.strided else g.to_dense()
+    def zero_grad(self) -> None:
+        """Zero the gradient buffer; attached views stay (re-pointed if something replaced them),
+        gradients not yet adopted are dropped (``p.grad = None``) as torch would."""
+        self.grad.zero_()
+        if self.grads_intact():
+            return
+        for p, view in zip(self.params, self.grad_views):
+            if p.grad is not view:
+                p.grad = view if self.grads_attached else None

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from . import backends
 from .closure import call_closure, check_closure, draw_seed
-from .flat import FlatBucket, has_sparse_grad
+from .flat import FlatBucket
 
 __all__ = ["SaLSA", "SLS", "StepInfo", "SaLSAWarning"]
 
@@ -282,33 +282,29 @@ class SaLSA(Optimizer):
     def _adopt_grads(self) -> None:
         for b in self._buckets:
             if not b.grads_intact():
-                if has_sparse_grad(b.params):
-                    self._warn_once(
-                        "sparse",
-                        "sparse gradients are densified into SaLSA's flat gradient buffer: the update is "
-                        "correct, but sparse=True saves no memory or time with this optimizer",
-                    )
-                self._warn_once(
-                    "grads",
-                    "a parameter's .grad was replaced or set to None (e.g. by model.zero_grad()); SaLSA "
-                    "copies it back into its flat gradient buffer, which costs an extra pass. Call "
-                    "optimizer.zero_grad() instead to keep the fast path",
-                )
+                was_attached = b.grads_attached
                 b.adopt_grads()
+                if was_attached:
+                    self._warn_once(
+                        "grads",
+                        "a parameter's .grad was replaced or set to None (e.g. by model.zero_grad()); "
+                        "SaLSA copies it back into its flat gradient buffer, which costs an extra pass. "
+                        "Call optimizer.zero_grad() instead to keep the fast path",
+                    )
 
     @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient with one memset per flat buffer.
 
         Gradients stay views into the optimizer's flat buffer (so ``set_to_none`` is ignored):
-        autograd then accumulates into them in place. Inside a closure called for a line-search
+        autograd then accumulates into them in place. (Until the first step after the optimizer
+        was built, gradients are autograd's own and are set to None.) Inside a closure called for a line-search
         trial this does nothing, so the search keeps the gradient it is using.
         """
         if self._in_search:
             return
         for b in self._buckets:
-            b.grad.zero_()
-            b.attach_grads()
+            b.zero_grad()
 
     # ------------------------------------------------------------------------------------------
     # diagnostics
