@@ -89,10 +89,11 @@ class FlatBucket:
         self.exp_avg = torch.zeros(total, dtype=self.state_dtype, **kw)
         self.exp_avg_sq = torch.zeros(total, dtype=self.state_dtype, **kw) if keep_second_moment else None
         self.backup: torch.Tensor | None = None
-        # Per-search scratch owned by the backend (e.g. the search direction); None between searches.
+        self.search_active = False  # between a search's first pass and its commit or abort
+        # Backend-owned tensors: per-search scratch (dropped after each search) and small
+        # buffers kept between steps (a step tensor, partial sums).
         self.scratch: dict[str, torch.Tensor] = {}
-        # Per-bucket step tensor some backends need on the device (e.g. torch's fused Adam).
-        self.step_tensor: torch.Tensor | None = None
+        self.workspace: dict[str, torch.Tensor] = {}
 
         self.param_views = [_view_like(self.param, o, p) for p, o in zip(self.params, self.offsets)]
         self.grad_views = [_view_like(self.grad, o, p) for p, o in zip(self.params, self.offsets)]

@@ -479,7 +479,7 @@ class SaLSA(Optimizer):
                     if trials == self.max_backtracks:
                         break  # parameters stay at the last trial
                     for b, lr, decay in zip(buckets, lrs, decays):
-                        backend.search_trial(b, lr_step=lr * eta_try, decay=decay)
+                        backend.search_trial(b, lr_step=lr * eta_try, decay=decay, h=h)
             else:
                 # Loss or norm too small for the criterion: step along the momentum direction.
                 for b, lr, decay in zip(buckets, lrs, decays):

@@ -2,6 +2,7 @@
 skipping of non-finite gradients, GPU checkpoints loading on CPU, CPU/GPU agreement."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -27,10 +28,10 @@ def _cuda_closure(model, step, dtype=torch.float32):
     return closure
 
 
-def _up_to_a_non_search_step():
+def _up_to_a_non_search_step(backend="torch"):
     """A CUDA model and optimizer whose next step will not search; and that step's index."""
     model = mlp().cuda()
-    opt = SaLSA(model.parameters(), backend="torch")
+    opt = SaLSA(model.parameters(), backend=backend)
     step = 0
     while opt._scalars.step < 12 or next_step_searches(opt):
         opt.zero_grad()
@@ -39,8 +40,9 @@ def _up_to_a_non_search_step():
     return model, opt, step
 
 
-def test_non_search_step_does_not_sync():
-    model, opt, step = _up_to_a_non_search_step()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_search_step_does_not_sync(backend):
+    model, opt, step = _up_to_a_non_search_step(backend)
     closure = _cuda_closure(model, step)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -52,8 +54,30 @@ def test_non_search_step_does_not_sync():
     assert not opt.last_step.searched
 
 
-def test_non_finite_gradient_is_skipped_on_the_device():
-    model, opt, step = _up_to_a_non_search_step()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_search_step_syncs_once_plus_once_per_trial(backend):
+    model = mlp().cuda()
+    opt = SaLSA(model.parameters(), backend=backend, init_step_size=100.0)  # forces backtracking
+    closure = _cuda_closure(model, 0)
+    opt.step(closure)  # warm-up (kernel compilation, lazy allocations)
+    opt.zero_grad()
+    closure = _cuda_closure(model, 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert opt.last_step.searched
+    assert len(syncs) == 1 + opt.last_step.trials
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_gradient_is_skipped_on_the_device(backend):
+    model, opt, step = _up_to_a_non_search_step(backend)
     before = [p.detach().clone() for p in model.parameters()]
     inner = _cuda_closure(model, step)
 
@@ -90,11 +114,12 @@ def test_gpu_checkpoint_loads_on_cpu():
             assert torch.equal(v, gpu_opt.state_dict()["state"][i][k].cpu())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("options", [{}, dict(use_mv=True), dict(direction="sgd", init_step_size=0.1)], ids=str)
-def test_cuda_matches_cpu_in_float64(options):
+def test_cuda_matches_cpu_in_float64(options, backend):
     a, b = mlp(torch.float64), mlp(torch.float64).cuda()
     ra = train(a, SaLSA(a.parameters(), **options), 60, dtype=torch.float64)
-    opt_b = SaLSA(b.parameters(), backend="torch", **options)
+    opt_b = SaLSA(b.parameters(), backend=backend, **options)
     x, y = digits(torch.float64)
     calls = []
     count = [0]
@@ -113,3 +138,22 @@ def test_cuda_matches_cpu_in_float64(options):
         calls.append(count[0])
     assert calls == ra.calls
     assert max_abs_diff(a, b.cpu()) <= 1e-9
+
+
+def test_triton_kernels_index_past_2_to_the_31():
+    """int64 offsets: a flat buffer of more than 2**31 elements (bf16 params, fp32 state)."""
+    n = 2**31 + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2**30:
+        pytest.skip("needs ~30 GB of free GPU memory")
+    from salsa_fast.backends import Hyper, triton_ops
+    from salsa_fast.flat import FlatBucket
+
+    p = nn.Parameter(torch.zeros(n, dtype=torch.bfloat16, device="cuda"))
+    b = FlatBucket([p], 0, keep_second_moment=True)
+    b.grad.fill_(1.0)
+    h = Hyper(0.9, 0.999, 1e-8, 1 - 0.9**2, 1 - 0.999**2, 2.0, "adam", False)
+    triton_ops.plain_step(b, lr_step=0.5, decay=0.0, h=h, found_inf=None)
+    tail = p.detach()[-4099:].float()
+    assert torch.all(tail < 0) and torch.allclose(tail, tail[0].expand_as(tail))
+    assert float(b.exp_avg[-1]) == pytest.approx(0.1)

@@ -3,10 +3,17 @@
 A backend is a module with the functions of :mod:`salsa_fast.backends.torch_ops`
 (``plain_step``, ``grad_sum``, ``search_begin``, ``search_trial``, ``search_momentum_point``,
 ``search_commit``, ``search_abort``). The choice never changes results beyond float rounding.
+
+* ``"torch"``: whole-buffer torch ops; runs everywhere.
+* ``"triton"``: :mod:`salsa_fast.kernels`, on CUDA tensors (or CPU tensors under
+  ``TRITON_INTERPRET=1``, for testing); a ``RuntimeError`` says why when it cannot run.
+* ``"auto"``: Triton when every parameter is on CUDA and Triton imports, torch otherwise.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Iterable
 from types import ModuleType
 
@@ -20,9 +27,26 @@ __all__ = ["NAMES", "Hyper", "resolve", "triton_unavailable_reason"]
 NAMES = ("auto", "triton", "torch")
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_unavailable_reason(devices: Iterable[torch.device]) -> str | None:
     """Why the Triton backend cannot run on these devices, or None if it can."""
-    return "the Triton kernels are not part of this build of salsa_fast yet"
+    for device in devices:
+        if device.type == "cuda":
+            continue
+        if device.type == "cpu" and _interpreting():
+            continue
+        return (
+            f"its kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
+            f"and some parameters are on {device}"
+        )
+    try:
+        importlib.import_module("triton")
+    except ImportError as e:
+        return f"Triton does not import ({e}); pip install triton"
+    return None
 
 
 def resolve(name: str, devices: Iterable[torch.device]) -> ModuleType:
@@ -30,9 +54,13 @@ def resolve(name: str, devices: Iterable[torch.device]) -> ModuleType:
     devices = list(devices)
     if name == "torch":
         return torch_ops
+    if name == "auto" and not all(d.type == "cuda" for d in devices):
+        return torch_ops
     reason = triton_unavailable_reason(devices)
-    if name == "triton":
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run: {reason}; use backend='torch' or 'auto'")
-        raise AssertionError("unreachable until the Triton backend exists")
-    return torch_ops  # "auto": Triton for CUDA tensors once it can run, the torch backend otherwise
+    if reason is not None:
+        if name == "auto":
+            return torch_ops
+        raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    from . import triton_ops
+
+    return triton_ops

@@ -108,13 +108,14 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
     on the device when it is 1, so a non-finite gradient needs no host sync.
     """
     if _fused_ok(b) and lr_step > 0:
-        if b.step_tensor is None:
-            b.step_tensor = torch.zeros((), dtype=torch.float32, device=b.device)
-        b.step_tensor.fill_(h.bias_step)
+        step = b.workspace.get("step")
+        if step is None:
+            step = b.workspace["step"] = torch.zeros((), dtype=torch.float32, device=b.device)
+        step.fill_(h.bias_step)
         # torch's AdamW decays by lr * weight_decay with the *new* step size; ours decays with
         # the old one, so hand it the ratio.
         torch._fused_adamw_(
-            [b.param], [b.grad], [b.exp_avg], [b.exp_avg_sq], [], [b.step_tensor],
+            [b.param], [b.grad], [b.exp_avg], [b.exp_avg_sq], [], [step],
             lr=lr_step, beta1=h.beta1, beta2=h.beta2, weight_decay=decay / lr_step,
             eps=h.eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf,
         )  # fmt: skip
@@ -158,6 +159,7 @@ def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> to
     Moments are not touched (see the module docstring).
     """
     backup = b.ensure_backup()
+    b.search_active = True
     backup.copy_(b.param)
     g = _in_state_dtype(b, b.grad)
     if h.direction == "adam":
@@ -179,7 +181,7 @@ def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> to
 
 
 @torch.no_grad()
-def search_trial(b: FlatBucket, *, lr_step: float, decay: float) -> None:
+def search_trial(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
     """A further trial: ``p = backup*(1-decay) - lr_step * direction``."""
     _write_point(b, b.scratch["direction"], lr_step, decay)
 
@@ -197,11 +199,13 @@ def search_commit(b: FlatBucket, *, h: Hyper) -> None:
     """The search is over: commit the moments, drop the scratch (``p`` stays where it is)."""
     _commit_moments(b, _in_state_dtype(b, b.grad), h)
     b.scratch.clear()
+    b.search_active = False
 
 
 @torch.no_grad()
 def search_abort(b: FlatBucket) -> None:
     """Undo a search step: ``p`` back to its pre-step value, moments untouched."""
-    if b.backup is not None and b.scratch:
+    if b.search_active:
         b.param.copy_(b.backup)
     b.scratch.clear()
+    b.search_active = False

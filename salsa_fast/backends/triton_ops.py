@@ -1,0 +1,49 @@
+"""The Triton backend: each of SaLSA's passes is one kernel launch per flat buffer.
+
+Same functions, same semantics as :mod:`salsa_fast.backends.torch_ops` (results agree to float
+rounding); the kernels and their byte counts are in :mod:`salsa_fast.kernels`. Imported only
+when the backend is chosen, so that ``TRITON_INTERPRET`` is read when the kernels are defined.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..flat import FlatBucket
+from ..kernels import adam_step, reduce, search
+from .torch_ops import Hyper
+
+name = "triton"
+
+
+def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_inf: torch.Tensor | None) -> None:
+    adam_step.plain_step(b, lr_step=lr_step, decay=decay, h=h, found_inf=found_inf)
+
+
+def grad_sum(b: FlatBucket) -> torch.Tensor:
+    return reduce.buffer_sum(b.grad, reduce.partials_buffer(b.workspace, b.numel, b.state_dtype, b.device))
+
+
+def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> torch.Tensor:
+    b.ensure_backup()
+    b.search_active = True
+    return search.first_pass(b, lr_step=lr_step, decay=decay, h=h)
+
+
+def search_trial(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+    search.trial(b, lr_step=lr_step, decay=decay, h=h)
+
+
+def search_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+    search.momentum_point(b, lr_step=lr_step, decay=decay, h=h)
+
+
+def search_commit(b: FlatBucket, *, h: Hyper) -> None:
+    search.commit(b, h=h)
+    b.search_active = False
+
+
+def search_abort(b: FlatBucket) -> None:
+    if b.search_active:
+        b.param.copy_(b.backup)
+    b.search_active = False

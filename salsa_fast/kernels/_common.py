@@ -1,0 +1,52 @@
+"""Helpers shared by the kernel families: launch constants, scalar passing, IEEE math."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # elements per program: 8 per thread at 4 warps, enough for full-width loads
+NUM_WARPS = 4
+
+
+def grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, BLOCK),)
+
+
+def split(x: float) -> tuple[float, float]:
+    """A host float as an (fp32 high, fp32 low) pair; ``high + low`` recovers ~48 bits."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(x - hi)
+
+
+@triton.jit
+def scalar(hi, lo, ST: tl.constexpr):
+    """Rebuild a host scalar in the math dtype ``ST`` from its (high, low) pair."""
+    return tl.cast(hi, ST) + tl.cast(lo, ST)
+
+
+@triton.jit
+def div(a, b, ST: tl.constexpr):
+    """IEEE-rounded division (Triton's fp32 ``/`` is approximate)."""
+    if ST == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def sqrt(a, ST: tl.constexpr):
+    """IEEE-rounded square root."""
+    if ST == tl.float64:
+        return tl.sqrt(a)
+    else:
+        return tl.sqrt_rn(a)
+
+
+@triton.jit
+def offsets(n, BLOCK: tl.constexpr):
+    """This program's int64 element offsets and their in-bounds mask."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return pid, offs, offs < n

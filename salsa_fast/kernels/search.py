@@ -1,0 +1,121 @@
+"""The line-search passes: the first pass, each further trial, the fallback point, the commit.
+
+Moments are not written until the search is over (the commit), so a failed search is undone by
+copying the backup back: nothing else changed. Every point is recomputed from the backup and
+the (old) moments and gradient, so a trial reads backup, g, v (and m with ``use_mv``) and
+writes p: 16 (20) bytes per fp32 parameter; SGD trials 12.
+
+first pass  reads p, g, m, v; writes backup, the first trial's p, one partial of
+            sum(g * direction) per program                      24 B/param (+ partials)
+trial       reads backup, g, v (m); writes p                     16 (20) B/param
+commit      reads g, m, v; writes m, v                           20 B/param
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import BLOCK, NUM_WARPS, div, grid, offsets, scalar, split, sqrt
+from .reduce import finish, partials_buffer
+
+FIRST, TRIAL, MOMENTUM = 0, 1, 2  # the point kinds of _search_point_kernel
+
+
+@triton.jit
+def _search_point_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, backup_ptr, partial_ptr, n,
+    lr_hi, lr_lo, keep_hi, keep_lo, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
+    c1_hi, c1_lo, c2_hi, c2_lo, eps_hi, eps_lo,
+    KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr, DECAY: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Write ``p = backup*(1-decay) - lr * direction`` (KIND=FIRST also writes the backup from
+    p and the partials of sum(g * direction)). The direction is built from the step's would-be
+    moments: ``g * precond`` for a trial, ``mhat * precond`` with USE_MV or for the MOMENTUM
+    point; precond is 1 for SGD."""
+    ST: tl.constexpr = m_ptr.dtype.element_ty
+    pid, offs, mask = offsets(n, BLOCK)
+    if KIND == 0:
+        p_raw = tl.load(p_ptr + offs, mask=mask, other=0)
+        tl.store(backup_ptr + offs, p_raw, mask=mask)
+    else:
+        p_raw = tl.load(backup_ptr + offs, mask=mask, other=0)
+    p0 = p_raw.to(ST)
+    if DECAY:
+        p0 = p0 * scalar(keep_hi, keep_lo, ST)
+    g = tl.load(g_ptr + offs, mask=mask, other=0).to(ST)
+
+    if USE_MV or KIND == 2:
+        m = tl.load(m_ptr + offs, mask=mask, other=0)
+        m = m * scalar(b1_hi, b1_lo, ST) + scalar(omb1_hi, omb1_lo, ST) * g
+        d = div(m, scalar(c1_hi, c1_lo, ST), ST)
+    else:
+        d = g
+    if ADAM:
+        v = tl.load(v_ptr + offs, mask=mask, other=0)
+        v = v * scalar(b2_hi, b2_lo, ST) + scalar(omb2_hi, omb2_lo, ST) * g * g
+        denom = sqrt(div(v, scalar(c2_hi, c2_lo, ST), ST), ST) + scalar(eps_hi, eps_lo, ST)
+        d = div(d, denom, ST)
+
+    p = p0 - scalar(lr_hi, lr_lo, ST) * d
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    if KIND == 0:
+        tl.store(partial_ptr + pid, tl.sum(g * d, axis=0))
+
+
+@triton.jit
+def _commit_kernel(
+    g_ptr, m_ptr, v_ptr, n, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
+    ADAM: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The moments of the step, in place (same arithmetic as the search points used)."""
+    ST: tl.constexpr = m_ptr.dtype.element_ty
+    pid, offs, mask = offsets(n, BLOCK)
+    g = tl.load(g_ptr + offs, mask=mask, other=0).to(ST)
+    m = tl.load(m_ptr + offs, mask=mask, other=0)
+    tl.store(m_ptr + offs, m * scalar(b1_hi, b1_lo, ST) + scalar(omb1_hi, omb1_lo, ST) * g, mask=mask)
+    if ADAM:
+        v = tl.load(v_ptr + offs, mask=mask, other=0)
+        tl.store(v_ptr + offs, v * scalar(b2_hi, b2_lo, ST) + scalar(omb2_hi, omb2_lo, ST) * g * g, mask=mask)
+
+
+def _launch_point(b, kind: int, lr_step: float, decay: float, h, partials) -> None:
+    n = b.numel
+    if n == 0:
+        return
+    adam = h.direction == "adam"
+    _search_point_kernel[grid(n)](
+        b.param, b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, b.backup,
+        partials if partials is not None else b.exp_avg, n,
+        *split(lr_step), *split(1 - decay), *split(h.beta1), *split(1 - h.beta1),
+        *split(h.beta2), *split(1 - h.beta2), *split(h.corr1), *split(h.corr2), *split(h.eps),
+        KIND=kind, ADAM=adam, USE_MV=h.use_mv, DECAY=decay != 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )  # fmt: skip
+
+
+def first_pass(b, *, lr_step: float, decay: float, h):
+    """Back up p, write the first trial, return sum(g * direction) as a 0-dim fp64 tensor."""
+    partials = partials_buffer(b.workspace, b.numel, b.state_dtype, b.device)
+    _launch_point(b, FIRST, lr_step, decay, h, partials)
+    return finish(partials)
+
+
+def trial(b, *, lr_step: float, decay: float, h) -> None:
+    _launch_point(b, TRIAL, lr_step, decay, h, None)
+
+
+def momentum_point(b, *, lr_step: float, decay: float, h) -> None:
+    _launch_point(b, MOMENTUM, lr_step, decay, h, None)
+
+
+def commit(b, *, h) -> None:
+    n = b.numel
+    if n == 0:
+        return
+    adam = h.direction == "adam"
+    _commit_kernel[grid(n)](
+        b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, n,
+        *split(h.beta1), *split(1 - h.beta1), *split(h.beta2), *split(1 - h.beta2),
+        ADAM=adam, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )  # fmt: skip
+

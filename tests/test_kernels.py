@@ -1,0 +1,234 @@
+"""The Triton kernels, pass by pass and end to end, against the torch backend.
+
+Without a GPU they run in Triton's interpreter on CPU tensors (see conftest.py); with one, on
+CUDA. Sizes are small and odd (never a multiple of the block), with several parameters per flat
+buffer, so every kernel crosses block boundaries and masks a tail.
+"""
+
+import copy
+
+import pytest
+import torch
+from helpers import digits, max_abs_diff, mlp, train
+from torch import nn
+
+from salsa_fast import SaLSA
+from salsa_fast.backends import Hyper, torch_ops
+from salsa_fast.flat import FlatBucket
+
+triton_ops = pytest.importorskip("salsa_fast.backends.triton_ops", reason="Triton is not installed")
+from salsa_fast.kernels import adam_step, reduce, search  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# Per-dtype tolerance on parameters: a few units in the last place of the parameter dtype.
+TOL = {
+    torch.float64: dict(rtol=1e-13, atol=1e-15),
+    torch.float32: dict(rtol=4e-6, atol=1e-7),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
+    torch.float16: dict(rtol=2**-9, atol=1e-5),
+}
+STATE_TOL = {torch.float64: dict(rtol=1e-13, atol=1e-15)}
+STATE_TOL_32 = dict(rtol=2e-6, atol=1e-7)  # m near 0 after cancellation: absolute ulps
+SHAPES = [(37, 29), (1,), (), (1500,), (3, 5, 7)]  # 2666 elements: three blocks, masked tail
+
+
+def _bucket(dtype, direction="adam", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=g).to(DEVICE, dtype)) for s in SHAPES]
+    b = FlatBucket(params, 0, keep_second_moment=direction == "adam")
+    b.grad.copy_(torch.randn(b.numel, generator=g).to(DEVICE, dtype))
+    b.exp_avg.copy_(torch.randn(b.numel, generator=g).to(DEVICE) * 0.1)
+    if b.exp_avg_sq is not None:
+        b.exp_avg_sq.copy_(torch.rand(b.numel, generator=g).to(DEVICE) * 0.01)
+    b.grad[b.numel - 3 :] = 0  # the padding stays zero
+    return b
+
+
+def _hyper(direction="adam", use_mv=False, k=7):
+    b1, b2 = 0.9, 0.999
+    return Hyper(b1, b2, 1e-8, 1 - b1 ** (k + 1), 1 - b2 ** (k + 1), float(k + 1), direction, use_mv)
+
+
+def _pair(dtype, direction="adam"):
+    a = _bucket(dtype, direction)
+    return a, copy.deepcopy(a)
+
+
+def _close_buckets(a, b, dtype):
+    torch.testing.assert_close(a.param, b.param, **TOL[dtype])
+    state_tol = STATE_TOL.get(dtype, STATE_TOL_32)
+    torch.testing.assert_close(a.exp_avg, b.exp_avg, **state_tol)
+    if a.exp_avg_sq is not None:
+        torch.testing.assert_close(a.exp_avg_sq, b.exp_avg_sq, **state_tol)
+
+
+VARIANTS = [("adam", False), ("adam", True), ("sgd", False), ("sgd", True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction,use_mv", VARIANTS)
+@pytest.mark.parametrize("decay", [0.0, 0.01])
+def test_plain_step(dtype, direction, use_mv, decay):
+    a, b = _pair(dtype, direction)
+    h = _hyper(direction, use_mv)
+    triton_ops.plain_step(a, lr_step=0.03, decay=decay, h=h, found_inf=None)
+    torch_ops.plain_step(b, lr_step=0.03, decay=decay, h=h, found_inf=None)
+    _close_buckets(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_plain_step_skips_on_the_device_flag(dtype):
+    a, b = _pair(dtype)
+    h = _hyper()
+    triton_ops.plain_step(a, lr_step=0.03, decay=0.01, h=h, found_inf=torch.ones((), device=DEVICE))
+    for name in ("param", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    triton_ops.plain_step(a, lr_step=0.03, decay=0.01, h=h, found_inf=torch.zeros((), device=DEVICE))
+    torch_ops.plain_step(b, lr_step=0.03, decay=0.01, h=h, found_inf=None)
+    _close_buckets(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction,use_mv", VARIANTS)
+def test_search_passes(dtype, direction, use_mv):
+    """First pass (backup, first trial, norm), two further trials, the fallback point, the
+    commit: each against the torch backend."""
+    a, b = _pair(dtype, direction)
+    h = _hyper(direction, use_mv)
+    pre = a.param.clone()
+    pp_a = triton_ops.search_begin(a, lr_step=0.5, decay=0.02, h=h)
+    pp_b = torch_ops.search_begin(b, lr_step=0.5, decay=0.02, h=h)
+    assert torch.equal(a.backup, pre)
+    assert float(pp_a) == pytest.approx(float(pp_b), rel=1e-12 if dtype == torch.float64 else 1e-5)
+    _close_buckets(a, b, dtype)
+    for lr in (0.4, 1e-3):
+        triton_ops.search_trial(a, lr_step=lr, decay=0.02, h=h)
+        torch_ops.search_trial(b, lr_step=lr, decay=0.02, h=h)
+        _close_buckets(a, b, dtype)
+    triton_ops.search_momentum_point(a, lr_step=0.2, decay=0.02, h=h)
+    torch_ops.search_momentum_point(b, lr_step=0.2, decay=0.02, h=h)
+    _close_buckets(a, b, dtype)
+    m_before = a.exp_avg.clone()
+    triton_ops.search_commit(a, h=h)
+    torch_ops.search_commit(b, h=h)
+    assert not torch.equal(a.exp_avg, m_before)
+    _close_buckets(a, b, dtype)
+    assert not a.search_active
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_search_abort_restores_exactly(dtype):
+    a, _ = _pair(dtype)
+    before = {k: getattr(a, k).clone() for k in ("param", "exp_avg", "exp_avg_sq")}
+    h = _hyper()
+    triton_ops.search_begin(a, lr_step=0.5, decay=0.02, h=h)
+    triton_ops.search_trial(a, lr_step=0.1, decay=0.02, h=h)
+    triton_ops.search_abort(a)
+    for k, v in before.items():
+        assert torch.equal(getattr(a, k), v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_sum_and_non_finite_detection(dtype):
+    a, b = _pair(dtype)
+    expected = b.grad.double().sum()
+    assert float(triton_ops.grad_sum(a)) == pytest.approx(float(expected), rel=1e-5, abs=1e-3)
+    a.grad[1234] = float("nan")
+    assert not torch.isfinite(triton_ops.grad_sum(a))
+    a.grad[1234] = float("inf")
+    assert not torch.isfinite(triton_ops.grad_sum(a))
+
+
+def test_block_sums_are_deterministic():
+    x = torch.randn(5000, device=DEVICE)
+    partials = torch.empty(5, device=DEVICE)
+    first = reduce.buffer_sum(x, partials)
+    assert all(torch.equal(reduce.buffer_sum(x, partials), first) for _ in range(3))
+
+
+def test_empty_bucket():
+    p = nn.Parameter(torch.zeros(0, device=DEVICE))
+    b = FlatBucket([p], 0, keep_second_moment=True)
+    h = _hyper()
+    triton_ops.plain_step(b, lr_step=0.1, decay=0.0, h=h, found_inf=None)
+    assert float(triton_ops.search_begin(b, lr_step=0.1, decay=0.0, h=h)) == 0.0
+    triton_ops.search_commit(b, h=h)
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+
+def _groups(model):
+    params = list(model.parameters())
+    return [{"params": params[:2], "weight_decay": 0.05}, {"params": params[2:], "lr": 0.7}]
+
+
+@pytest.mark.parametrize(
+    "dtype,steps,options",
+    [
+        (torch.float64, 40, {}),
+        (torch.float64, 40, dict(use_mv=True)),
+        (torch.float64, 30, dict(direction="sgd", init_step_size=0.1)),
+        (torch.float32, 30, {}),
+        (torch.float32, 30, dict(speed_up=False, momentum=(0.9, 0.999, 0.0))),
+        (torch.bfloat16, 6, {}),
+    ],
+    ids=lambda x: str(x).replace("torch.", ""),
+)
+def test_triton_backend_matches_torch_backend(dtype, steps, options, monkeypatch):
+    """Digits MLPs with odd layer sizes and two param groups (one with weight decay): the same
+    closure calls, parameters within the dtype's tolerance, and Triton kernels launched on
+    every step."""
+    launches = {"plain": 0, "search": 0, "commit": 0}
+
+    def count(kernel, key):
+        run = kernel.run
+
+        def counted(*args, **kwargs):
+            launches[key] += 1
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", counted)
+
+    count(adam_step._plain_step_kernel, "plain")
+    count(search._search_point_kernel, "search")
+    count(search._commit_kernel, "commit")
+
+    a, b = mlp(dtype).to(DEVICE), mlp(dtype).to(DEVICE)
+    opt_a = SaLSA(_groups(a), backend="triton", **options)
+    opt_b = SaLSA(_groups(b), backend="torch", **options)
+    assert opt_a._backend is triton_ops
+    ra = train(a, opt_a, steps, dtype=dtype)
+    rb = train(b, opt_b, steps, dtype=dtype)
+    assert ra.calls == rb.calls
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.05}[dtype]
+    assert max_abs_diff(a, b) <= tol
+    stats = opt_a.stats
+    buckets = len(opt_a._buckets)
+    assert buckets == 2
+    non_search = stats["steps"] - stats["searches"]
+    assert launches["plain"] == buckets * non_search
+    assert launches["search"] == buckets * (stats["total_trials"] + 0)  # first pass + further trials
+    assert launches["commit"] == buckets * stats["searches"]
+
+
+def test_mixed_dtypes_get_one_launch_each():
+    model = nn.ModuleList([nn.Linear(64, 20), nn.Linear(20, 10).double()]).to(DEVICE)
+    opt = SaLSA(model.parameters(), backend="triton")
+    x, y = (t.to(DEVICE) for t in digits())
+
+    def closure(backwards=False):
+        loss = nn.functional.cross_entropy(model[1](torch.tanh(model[0](x[:64])).double()).float(), y[:64])
+        if backwards:
+            loss.backward()
+        return loss
+
+    with torch.no_grad():
+        first = closure().item()
+    for _ in range(12):
+        opt.zero_grad()
+        opt.step(closure)
+    assert len(opt._buckets) == 2
+    with torch.no_grad():
+        assert closure().item() < first
