@@ -403,13 +403,13 @@ class SaLSA(Optimizer):
     def _plain_step(self, out, loss, k, since, eta_try, lrs, decays, h):
         backend, s = self._backend, self._scalars
         found_inf = None
-        sums = [backend.grad_sum(b) for b in self._buckets]
+        probes = [backend.grad_probe(b) for b in self._buckets]
         if self._host_checks:
-            total = float(loss) + float(torch.stack(sums).sum())
+            total = float(loss) + float(torch.stack(probes).sum())
             if not math.isfinite(total):
                 return self._skip(out)
         else:
-            found_inf = self._device_found_inf(loss, sums)
+            found_inf = self._device_found_inf(loss, probes)
         for b, lr, decay in zip(self._buckets, lrs, decays):
             inf_b = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
             backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, found_inf=inf_b)
@@ -419,10 +419,10 @@ class SaLSA(Optimizer):
         self._finish(StepInfo(searched=False, step_size=s.step_size))
         return out
 
-    def _device_found_inf(self, loss, sums):
+    def _device_found_inf(self, loss, probes):
         """1.0 on the device when the loss or a gradient is not finite (no host sync)."""
         dev = self._buckets[0].device
-        total = loss.to(dev, torch.float64) + torch.stack([t.to(dev) for t in sums]).sum()
+        total = loss.to(dev, torch.float64) + torch.stack([t.to(dev) for t in probes]).sum()
         found_inf = (~torch.isfinite(total)).to(torch.float32)
         self._pending_skips = found_inf if self._pending_skips is None else self._pending_skips + found_inf
         return found_inf

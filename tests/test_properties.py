@@ -95,5 +95,7 @@ def test_bfloat16_parameters_are_updated_in_float32(shape_list, opts, seed):
     assert a.stats["forwards"] == b.forwards
     for p, q in zip(pa, pb):
         assert p.dtype == torch.bfloat16
-        # one bf16 ulp of slack: fp32 op order may differ before the final rounding
-        assert torch.allclose(p.float(), q.float(), rtol=2**-7, atol=1e-6)
+        # a bf16 ulp or two of the parameters' scale: fp32 op order may differ before the final
+        # rounding, and an element that cancelled to near zero keeps the absolute error
+        scale = max(1.0, q.float().abs().max().item())
+        assert torch.allclose(p.float(), q.float(), rtol=2**-7, atol=2**-7 * scale)

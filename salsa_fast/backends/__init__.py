@@ -1,7 +1,7 @@
 """Backends: who runs SaLSA's per-element passes over the flat buffers.
 
 A backend is a module with the functions of :mod:`salsa_fast.backends.torch_ops`
-(``plain_step``, ``grad_sum``, ``search_begin``, ``search_trial``, ``search_momentum_point``,
+(``plain_step``, ``grad_probe``, ``search_begin``, ``search_trial``, ``search_momentum_point``,
 ``search_commit``, ``search_abort``). The choice never changes results beyond float rounding.
 
 * ``"torch"``: whole-buffer torch ops; runs everywhere.

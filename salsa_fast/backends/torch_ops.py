@@ -11,8 +11,9 @@ closure that raises during a trial) exactly undoable: restore ``p`` from the bac
 scratch, and no state has changed. The commit recomputes the moments from the gradient buffer
 with the same ops, so they equal the ones the direction was built from.
 
-Non-search steps on fp32/fp64 parameters use torch's fused Adam kernel (one pass, 28 B/param);
-a device-side ``found_inf`` flag lets it skip a non-finite step without a host sync.
+Non-search Adam steps use torch's fused AdamW kernel (one pass, 28 B/param for fp32; bf16/fp16
+parameters go through an fp32 copy); a device-side ``found_inf`` flag lets it skip a non-finite
+step without a host sync.
 """
 
 from __future__ import annotations
@@ -39,17 +40,25 @@ class Hyper(NamedTuple):
     use_mv: bool
 
 
-def _in_state_dtype(b: FlatBucket, t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == b.state_dtype else t.to(b.state_dtype)
+def _buffer(b: FlatBucket, name: str) -> torch.Tensor:
+    """A bucket-sized work buffer in the state dtype. On CPU it is kept between calls: a fresh
+    allocation of that size pays a page fault per 4 KiB on every use. Elsewhere the caching
+    allocator makes a fresh one free, and nothing is held between steps."""
+    if b.device.type != "cpu":
+        return torch.empty(b.numel, dtype=b.state_dtype, device=b.device)
+    buf = b.workspace.get(name)
+    if buf is None:
+        buf = b.workspace[name] = torch.empty(b.numel, dtype=b.state_dtype, device=b.device)
+    return buf
+
+
+def _in_state_dtype(b: FlatBucket, t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` itself when it already has the state dtype, else a widened copy in buffer ``name``."""
+    return t if t.dtype == b.state_dtype else _buffer(b, name).copy_(t)
 
 
 def _fused_ok(b: FlatBucket) -> bool:
-    return (
-        b.exp_avg_sq is not None
-        and b.dtype == b.state_dtype
-        and b.device.type in ("cpu", "cuda")
-        and hasattr(torch, "_fused_adamw_")
-    )
+    return b.exp_avg_sq is not None and b.device.type in ("cpu", "cuda") and hasattr(torch, "_fused_adamw_")
 
 
 def _new_moments(b: FlatBucket, g: torch.Tensor, h: Hyper) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,16 +77,11 @@ def _commit_moments(b: FlatBucket, g: torch.Tensor, h: Hyper) -> None:
         b.exp_avg_sq.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
 
 
-def _denominator(v: torch.Tensor, h: Hyper) -> torch.Tensor:
-    """``sqrt(v / corr2) + eps`` (a new tensor)."""
-    return torch.div(v, h.corr2).sqrt_().add_(h.eps)
-
-
 def _momentum_direction(m: torch.Tensor, v: torch.Tensor | None, h: Hyper) -> torch.Tensor:
-    """``mhat * precond`` (Adam) or ``mhat`` (SGD), as a new tensor."""
-    d = torch.div(m, h.corr1)
+    """``mhat * precond`` (Adam) or ``mhat`` (SGD), in ``m``'s memory."""
+    d = m.div_(h.corr1)
     if v is not None:
-        d.div_(_denominator(v, h))
+        d.div_(v.div_(h.corr2).sqrt_().add_(h.eps))
     return d
 
 
@@ -91,7 +95,7 @@ def _write_point(b: FlatBucket, d: torch.Tensor, lr_step: float, decay: float) -
         else:
             torch.add(backup, d, alpha=-lr_step, out=p)
     else:
-        t = backup.to(b.state_dtype)
+        t = _buffer(b, "p").copy_(backup)
         if decay:
             t.mul_(1 - decay)
         p.copy_(t.add_(d, alpha=-lr_step))
@@ -112,22 +116,28 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
         if step is None:
             step = b.workspace["step"] = torch.zeros((), dtype=torch.float32, device=b.device)
         step.fill_(h.bias_step)
+        # The fused kernel wants one dtype throughout: low-precision parameters take a detour
+        # through the state dtype (fp32 math, one rounding on the way back).
+        p, g = _in_state_dtype(b, b.param, "p"), _in_state_dtype(b, b.grad, "g")
         # torch's AdamW decays by lr * weight_decay with the *new* step size; ours decays with
         # the old one, so hand it the ratio.
         torch._fused_adamw_(
-            [b.param], [b.grad], [b.exp_avg], [b.exp_avg_sq], [], [step],
+            [p], [g], [b.exp_avg], [b.exp_avg_sq], [], [step],
             lr=lr_step, beta1=h.beta1, beta2=h.beta2, weight_decay=decay / lr_step,
             eps=h.eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf,
         )  # fmt: skip
+        if p is not b.param:
+            b.param.copy_(p)
         return
 
-    g = _in_state_dtype(b, b.grad)
-    p = _in_state_dtype(b, b.param)
+    g = _in_state_dtype(b, b.grad, "g")
+    p = _in_state_dtype(b, b.param, "p")
     if found_inf is None:
         if decay:
             p.mul_(1 - decay)
         _commit_moments(b, g, h)
-        p.add_(_momentum_direction(b.exp_avg, b.exp_avg_sq, h), alpha=-lr_step)
+        m, v = b.exp_avg.clone(), None if b.exp_avg_sq is None else b.exp_avg_sq.clone()
+        p.add_(_momentum_direction(m, v, h), alpha=-lr_step)
         if p is not b.param:
             b.param.copy_(p)
         return
@@ -136,16 +146,22 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
     skip = found_inf.bool()
     m, v = _new_moments(b, g, h)
     new_p = p * (1 - decay) if decay else p.clone()
-    new_p.add_(_momentum_direction(m, v, h), alpha=-lr_step)
+    new_p.add_(_momentum_direction(m.clone(), None if v is None else v.clone(), h), alpha=-lr_step)
     b.exp_avg.copy_(torch.where(skip, b.exp_avg, m))
     if v is not None:
         b.exp_avg_sq.copy_(torch.where(skip, b.exp_avg_sq, v))
     b.param.copy_(torch.where(skip, p, new_p))
 
 
-def grad_sum(b: FlatBucket) -> torch.Tensor:
-    """Sum of the gradient buffer (non-finite iff some gradient is), as a 0-dim fp64 tensor."""
-    return b.grad.sum(dtype=b.state_dtype).double()
+def grad_probe(b: FlatBucket) -> torch.Tensor:
+    """A 0-dim fp64 tensor that is finite iff every gradient is: the gradient buffer's sum,
+    reduced in its own dtype (torch accumulates in fp32; asking for an fp32 result is ~50x
+    slower on CPU). fp16's range would overflow a sum of finite values: max minus min there."""
+    g = b.grad
+    if g.dtype == torch.float16 and g.numel():
+        low, high = torch.aminmax(g)
+        return high.double() - low.double()
+    return g.sum().double()
 
 
 # -- search step ------------------------------------------------------------------------------
@@ -161,19 +177,19 @@ def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> to
     backup = b.ensure_backup()
     b.search_active = True
     backup.copy_(b.param)
-    g = _in_state_dtype(b, b.grad)
+    g = _in_state_dtype(b, b.grad, "g")
     if h.direction == "adam":
-        v_new = torch.mul(b.exp_avg_sq, h.beta2).addcmul_(g, g, value=1 - h.beta2)
-        d = v_new.div_(h.corr2).sqrt_().add_(h.eps)  # the denominator, in v_new's memory
+        d = torch.mul(b.exp_avg_sq, h.beta2, out=_buffer(b, "direction")).addcmul_(g, g, value=1 - h.beta2)
+        d.div_(h.corr2).sqrt_().add_(h.eps)  # the denominator, in the direction's memory
         if h.use_mv:
-            m_hat = torch.mul(b.exp_avg, h.beta1).add_(g, alpha=1 - h.beta1).div_(h.corr1)
-            torch.div(m_hat, d, out=d)
+            m_hat = torch.mul(b.exp_avg, h.beta1, out=_buffer(b, "m_hat")).add_(g, alpha=1 - h.beta1)
+            torch.div(m_hat.div_(h.corr1), d, out=d)
         else:
             torch.div(g, d, out=d)
     elif h.use_mv:
-        d = torch.mul(b.exp_avg, h.beta1).add_(g, alpha=1 - h.beta1).div_(h.corr1)
+        d = torch.mul(b.exp_avg, h.beta1, out=_buffer(b, "direction")).add_(g, alpha=1 - h.beta1).div_(h.corr1)
     else:
-        d = g
+        d = g  # the gradient itself; zero_grad() is a no-op during a search
     b.scratch["direction"] = d
     pp = torch.dot(g, d)
     _write_point(b, d, lr_step, decay)
@@ -189,15 +205,14 @@ def search_trial(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> No
 @torch.no_grad()
 def search_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
     """The no-search fallback inside a search step: step along the momentum direction."""
-    g = _in_state_dtype(b, b.grad)
-    m, v = _new_moments(b, g, h)
+    m, v = _new_moments(b, _in_state_dtype(b, b.grad, "g"), h)
     _write_point(b, _momentum_direction(m, v, h), lr_step, decay)
 
 
 @torch.no_grad()
 def search_commit(b: FlatBucket, *, h: Hyper) -> None:
     """The search is over: commit the moments, drop the scratch (``p`` stays where it is)."""
-    _commit_moments(b, _in_state_dtype(b, b.grad), h)
+    _commit_moments(b, _in_state_dtype(b, b.grad, "g"), h)
     b.scratch.clear()
     b.search_active = False
 

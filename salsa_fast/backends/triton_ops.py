@@ -20,7 +20,8 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
     adam_step.plain_step(b, lr_step=lr_step, decay=decay, h=h, found_inf=found_inf)
 
 
-def grad_sum(b: FlatBucket) -> torch.Tensor:
+def grad_probe(b: FlatBucket) -> torch.Tensor:
+    """The gradient buffer's sum (fp32 partials): finite iff every gradient is."""
     return reduce.buffer_sum(b.grad, reduce.partials_buffer(b.workspace, b.numel, b.state_dtype, b.device))
 
 

@@ -32,7 +32,7 @@ def div(a, b, ST: tl.constexpr):
     if ST == tl.float64:
         return a / b
     else:
-        return tl.div_rn(a, b)
+        return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def sqrt(a, ST: tl.constexpr):
     if ST == tl.float64:
         return tl.sqrt(a)
     else:
-        return tl.sqrt_rn(a)
+        return tl.math.sqrt_rn(a)
 
 
 @triton.jit

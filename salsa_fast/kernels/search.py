@@ -5,10 +5,13 @@ copying the backup back: nothing else changed. Every point is recomputed from th
 the (old) moments and gradient, so a trial reads backup, g, v (and m with ``use_mv``) and
 writes p: 16 (20) bytes per fp32 parameter; SGD trials 12.
 
-first pass  reads p, g, m, v; writes backup, the first trial's p, one partial of
-            sum(g * direction) per program                      24 B/param (+ partials)
-trial       reads backup, g, v (m); writes p                     16 (20) B/param
-commit      reads g, m, v; writes m, v                           20 B/param
+bytes per fp32 parameter (Adam; with use_mv add 4 for m; SGD drops v's 4):
+first pass  reads p, g, v (m); writes backup, the first trial's p, one partial of
+            sum(g * direction) per program                       20 (24) B
+trial       reads backup, g, v (m); writes p                      16 (20) B
+commit      reads g, m, v; writes m, v                            20 B
+Against SPEC's single 32 B first pass that also writes the moments, a search moves 8 B/param
+more in all (20 + 20 vs 32): the price of a search that can be undone exactly.
 """
 
 from __future__ import annotations
