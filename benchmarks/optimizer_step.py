@@ -83,11 +83,16 @@ def salsa_passes(backend: str, n: int, dtype, device):
             if torch.isfinite(be.grad_probe(b)):
                 be.plain_step(b, h=h, found_inf=None, **kw)
 
+    def trial():
+        if not b.search_active:  # a trial rewrites from the backup its search's first pass wrote
+            be.search_begin(b, h=h, **kw)
+        be.search_trial(b, h=h, **kw)
+
     return {
         "step": step,
         "step_kernel": lambda: be.plain_step(b, h=h, found_inf=None, **kw),
         "first_pass": lambda: be.search_begin(b, h=h, **kw),
-        "trial": lambda: be.search_trial(b, h=h, **kw),
+        "trial": lambda: trial(),
         "commit": lambda: be.search_commit(b, h=h),
     }
 

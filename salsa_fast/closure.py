@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from .profiling import annotate
+
 CLOSURE_PATTERN = """\
 SaLSA needs a closure that accepts a `backwards` keyword and returns the loss:
 
@@ -109,6 +111,7 @@ def call_closure(closure: Callable, seed: int, cuda_devices: Sequence[int], back
 
     Returns what the closure returned and that loss as a detached 0-dim tensor.
     """
-    with seeded(seed, cuda_devices), torch.set_grad_enabled(backwards):
-        out = closure(backwards=backwards)
+    with annotate("salsa.gradient_pass" if backwards else "salsa.trial"):
+        with seeded(seed, cuda_devices), torch.set_grad_enabled(backwards):
+            out = closure(backwards=backwards)
     return out, loss_tensor(out)

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from . import backends
 from .closure import call_closure, check_closure, draw_seed
 from .flat import FlatBucket
+from .profiling import annotate
 
 __all__ = ["SaLSA", "SLS", "StepInfo", "SaLSAWarning"]
 
@@ -397,8 +398,10 @@ class SaLSA(Optimizer):
         decays = [lr * float(groups[b.group_index]["weight_decay"]) * eta for b, lr in zip(self._buckets, lrs)]
 
         if not search:
-            return self._plain_step(out, loss, k, since, eta_try, lrs, decays, h)
-        return self._search_step(closure, seed, out, loss, k, eta_try, lrs, decays, h)
+            with annotate("salsa.plain_step"):
+                return self._plain_step(out, loss, k, since, eta_try, lrs, decays, h)
+        with annotate("salsa.search"):
+            return self._search_step(closure, seed, out, loss, k, eta_try, lrs, decays, h)
 
     def _plain_step(self, out, loss, k, since, eta_try, lrs, decays, h):
         backend, s = self._backend, self._scalars

@@ -1,0 +1,199 @@
+"""Whole training steps: SaLSA's overhead over torch's Adam on real workloads.
+
+For each workload of :mod:`workloads` (a digits MLP, a digits conv net, a character-level GPT
+on Python's documentation; larger on a GPU) and each optimizer, train the same model from the
+same weights on the same batches and report ms per step, the ratio to Adam(fused) and to
+Adam(foreach) measured in the same run, forward passes per step, the fraction of steps that
+searched, and memory (peak allocated on CUDA; optimizer-held state everywhere).
+
+Optimizers: ``adam_forloop``, ``adam_foreach``, ``adam_fused``, ``published_salsa`` (the
+``salsa-optimizer`` package, when installed), ``salsa_fast_torch`` and, on CUDA,
+``salsa_fast_triton``.
+
+    python benchmarks/overhead.py --device cpu --quick --json out.json
+    python benchmarks/overhead.py --device cuda --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import workloads  # noqa: E402
+from common import environment, sync, write_json  # noqa: E402
+
+from salsa_fast import SaLSA  # noqa: E402
+
+try:
+    from salsa.SaLSA import SaLSA as PublishedSaLSA
+except ImportError:
+    PublishedSaLSA = None
+
+WARMUP = 2  # steps trained but not timed (kernel compilation, allocator warm-up)
+
+
+def optimizers(device: torch.device) -> dict:
+    table = {
+        "adam_forloop": lambda ps: torch.optim.Adam(ps, foreach=False),
+        "adam_foreach": lambda ps: torch.optim.Adam(ps, foreach=True),
+        "adam_fused": lambda ps: torch.optim.Adam(ps, fused=True),
+    }
+    if PublishedSaLSA is not None:
+        table["published_salsa"] = lambda ps: PublishedSaLSA(ps)
+    table["salsa_fast_torch"] = lambda ps: SaLSA(ps, backend="torch")
+    if device.type == "cuda":
+        table["salsa_fast_triton"] = lambda ps: SaLSA(ps, backend="triton")
+    return table
+
+
+def state_bytes(opt) -> int:
+    """Bytes of tensors the optimizer holds beyond the parameters and their gradients."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    if isinstance(opt, SaLSA):
+        for b in opt._buckets:
+            for t in (b.exp_avg, b.exp_avg_sq, b.backup, *b.workspace.values()):
+                add(t)
+        return total
+    for st in getattr(opt, "state", {}).values():
+        values = st.values() if isinstance(st, dict) else st if isinstance(st, list) else [st]
+        for v in values:
+            for t in v if isinstance(v, list) else [v]:
+                add(t)
+    return total
+
+
+def run(workload: workloads.Workload, name: str, make_opt, device: torch.device) -> dict:
+    model = workload.model
+    opt = make_opt(list(model.parameters()))
+    closure_based = not name.startswith("adam")
+    calls = 0
+    searched = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed_steps = len(workload.batches) - WARMUP
+    start = None
+    with contextlib.redirect_stdout(io.StringIO()):  # the published package prints
+        for i, (xb, yb) in enumerate(workload.batches):
+            if i == WARMUP:
+                sync(device)
+                start = time.perf_counter()
+            if not closure_based:
+                opt.zero_grad()
+                workload.loss(xb, yb).backward()
+                opt.step()
+                calls += 1
+                continue
+            before = calls
+
+            def closure(backwards=False):
+                nonlocal calls
+                calls += 1
+                loss = workload.loss(xb, yb)
+                if backwards:
+                    loss.backward()
+                return loss
+
+            opt.zero_grad()
+            opt.step(closure)
+            searched += calls - before > 1
+    sync(device)
+    seconds = time.perf_counter() - start
+    steps = len(workload.batches)
+    return {
+        "ms_per_step": 1e3 * seconds / timed_steps,
+        "forwards_per_step": calls / steps,
+        "searched_fraction": searched / steps if closure_based else 0.0,
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "state_mb": state_bytes(opt) / 2**20,
+    }
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small models, 30 steps: about a minute on CPU")
+    parser.add_argument("--steps", type=int, help="steps per run (default 30 quick, 200 otherwise)")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    steps = args.steps or (30 if args.quick else 200)
+    if args.device == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), 2 if args.quick else torch.get_num_threads()))
+    from tqdm.auto import tqdm
+
+    env = environment(device)
+    table = optimizers(device)
+    builders = workloads.standard(device, steps + WARMUP, args.quick)
+    records = []
+    with tqdm(total=len(builders) * len(table), desc="overhead", unit="run") as bar:
+        for build in builders:
+            results = {}
+            for name, make_opt in table.items():
+                workload = build()  # same seed: same weights and batches for every optimizer
+                results[name] = run(workload, name, make_opt, device)
+                bar.set_postfix(workload=workload.name, optimizer=name)
+                bar.update()
+                del workload
+            for name, r in results.items():
+                records.append(
+                    {
+                        "benchmark": "overhead",
+                        "workload": build().name,
+                        "optimizer": name,
+                        "n_params": build().n_params,
+                        "dtype": "float32",
+                        "steps": steps,
+                        **r,
+                        "ratio_vs_adam": r["ms_per_step"] / results["adam_fused"]["ms_per_step"],
+                        "ratio_vs_adam_foreach": r["ms_per_step"] / results["adam_foreach"]["ms_per_step"],
+                        **env,
+                    }
+                )
+    text = format_table(records)
+    print(text)
+    write_json(args.json, records)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    env = records[0]
+    lines = [
+        f"# Whole training steps on {env['device_name']} ({env['device']}), torch {env['torch']}, "
+        f"{env['threads']} threads, {env['date']}",
+        "",
+        f"{records[0]['steps']} steps per run ({WARMUP} more untimed first), the same weights and batches for all.",
+        "",
+        "| workload | params | optimizer | ms/step | vs Adam(fused) | vs Adam(foreach) | forwards/step | searched | "
+        "state MB | peak MB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in records:
+        peak = "" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(
+            f"| {r['workload']} | {r['n_params'] / 1e6:.2f}M | {r['optimizer']} | {r['ms_per_step']:.2f} | "
+            f"{r['ratio_vs_adam']:.2f}x | {r['ratio_vs_adam_foreach']:.2f}x | {r['forwards_per_step']:.2f} | "
+            f"{r['searched_fraction']:.0%} | {r['state_mb']:.1f} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
