@@ -92,7 +92,7 @@ def salsa_passes(backend: str, n: int, dtype, device):
         "step": step,
         "step_kernel": lambda: be.plain_step(b, h=h, found_inf=None, **kw),
         "first_pass": lambda: be.search_begin(b, h=h, **kw),
-        "trial": lambda: trial(),
+        "trial": trial,
         "commit": lambda: be.search_commit(b, h=h),
     }
 

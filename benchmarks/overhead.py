@@ -125,13 +125,14 @@ def run(workload: workloads.Workload, name: str, make_opt, device: torch.device)
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small models, 30 steps: about a minute on CPU")
-    parser.add_argument("--steps", type=int, help="steps per run (default 30 quick, 200 otherwise)")
+    parser.add_argument("--quick", action="store_true", help="small models, 60 steps: under a minute on CPU")
+    parser.add_argument("--steps", type=int, help="steps per run (default 60 quick, 300 otherwise)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
+    parser.add_argument("--plot", help="bar chart of the ratios to Adam (PNG)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    steps = args.steps or (30 if args.quick else 200)
+    steps = args.steps or (60 if args.quick else 300)
     if args.device == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 2 if args.quick else torch.get_num_threads()))
     from tqdm.auto import tqdm
@@ -170,7 +171,34 @@ def main(argv=None) -> list[dict]:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
+    if args.plot:
+        plot(records, args.plot)
     return records
+
+
+def plot(records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["workload"] for r in records))
+    opts = list(dict.fromkeys(r["optimizer"] for r in records))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(opts)
+    for j, opt in enumerate(opts):
+        ratios = [next(r["ratio_vs_adam"] for r in records if r["workload"] == w and r["optimizer"] == opt) for w in names]
+        bars = ax.bar([i + j * width for i in range(len(names))], ratios, width, label=opt)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
+    ax.axhline(1.0, color="gray", lw=1, ls=":")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    ax.set(ylabel="time per training step / Adam(fused)", title=(
+        f"Whole training steps, {records[0]['steps']} per run: {records[0]['device_name']}, torch {records[0]['torch']}"
+    ))  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def format_table(records: list[dict]) -> str:

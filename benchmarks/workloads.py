@@ -144,12 +144,12 @@ def standard(device: torch.device, steps: int, quick: bool) -> list[Callable[[],
     if quick:
         return [
             lambda: digits_mlp(device, steps, width=256),
-            lambda: digits_convnet(device, steps, channels=8),
+            lambda: digits_convnet(device, steps, channels=16),
             lambda: char_transformer(device, steps, batch=16, seq=32, width=64, layers=2, heads=2),
         ]
     return [
         lambda: digits_mlp(device, steps, width=1024),
-        lambda: digits_convnet(device, steps, channels=16),
+        lambda: digits_convnet(device, steps, channels=32),
         lambda: char_transformer(device, steps, batch=32, seq=64, width=128, layers=4, heads=4),
     ]
 
