@@ -67,9 +67,13 @@ class FlatBucket:
         backup: the flat buffer a search returns to (allocated on the first search).
     """
 
+    mirrored = False  # see ShardBucket
+    sharded = False
+
     def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool):
-        first = params[0]
         self.params = list(params)
+        tensors = self._laid_out(self.params)
+        first = tensors[0]
         self.group_index = group_index
         self.device = first.device
         self.dtype = first.dtype
@@ -78,9 +82,9 @@ class FlatBucket:
         align = max(1, ALIGN_BYTES // first.element_size())
         self.offsets: list[int] = []
         total = 0
-        for p in self.params:
+        for t in tensors:
             self.offsets.append(total)
-            total += -(-p.numel() // align) * align
+            total += -(-t.numel() // align) * align
         self.numel = total
 
         kw = dict(device=self.device)
@@ -95,14 +99,30 @@ class FlatBucket:
         self.scratch: dict[str, torch.Tensor] = {}
         self.workspace: dict[str, torch.Tensor] = {}
 
-        self.param_views = [_view_like(self.param, o, p) for p, o in zip(self.params, self.offsets)]
-        self.grad_views = [_view_like(self.grad, o, p) for p, o in zip(self.params, self.offsets)]
+        self.param_views = [_view_like(self.param, o, t) for t, o in zip(tensors, self.offsets)]
+        self.grad_views = [_view_like(self.grad, o, t) for t, o in zip(tensors, self.offsets)]
+        with torch.no_grad():
+            for t, pv in zip(tensors, self.param_views):
+                pv.copy_(t.detach())
+        self.grads_attached = False  # see adopt_grads
+        self._bind()
+
+    def _laid_out(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors whose elements the buffers hold: the parameters themselves."""
+        return params
+
+    def _bind(self) -> None:
+        """Make every ``p.data`` a view into the flat buffer."""
         with torch.no_grad():
             for p, pv in zip(self.params, self.param_views):
-                pv.copy_(p.detach())
                 p.data = pv
         self._ptrs = list(map(_data_ptr, self.params))
-        self.grads_attached = False  # see adopt_grads
+
+    def pull_params(self) -> None:
+        """(ShardBucket: bring values the sharding framework holds into the buffer.)"""
+
+    def push_params(self) -> None:
+        """(ShardBucket: write the buffer back to the sharding framework's tensors.)"""
 
     # -- views --------------------------------------------------------------------------------
     def views_of(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -179,3 +199,71 @@ class FlatBucket:
         for p, view in zip(self.params, self.grad_views):
             if p.grad is not view:
                 p.grad = view if self.grads_attached else None
+
+
+class ShardBucket(FlatBucket):
+    """A bucket over DTensor parameters (FSDP2 ``fully_shard``), holding their *local* shards.
+
+    The sharding framework owns those tensors (it all-gathers from their storage before each
+    forward), so here the flat buffer is a mirror instead of their storage: values are pulled
+    in when something else changed them (their version counter moved), pushed back after every
+    write (each trial point, each step), and the gradients, which the framework sets after each
+    backward, are copied in every step. That costs a copy per write; what it buys is that the
+    same kernels and decisions serve sharded training.
+    """
+
+    mirrored = True
+
+    def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool):
+        from .distributed import is_sharded
+
+        self.sharded = any(is_sharded(p) for p in params)
+        super().__init__(params, group_index, keep_second_moment)
+
+    def _laid_out(self, params):
+        return [p._local_tensor for p in params]
+
+    def _bind(self) -> None:
+        self._versions = [p._local_tensor._version for p in self.params]
+
+    def params_intact(self) -> bool:
+        return True
+
+    def relocated(self) -> bool:
+        return any(
+            p._local_tensor.device != self.device or p._local_tensor.dtype != self.dtype for p in self.params
+        )
+
+    def grads_intact(self) -> bool:
+        return False  # the framework hands over new gradients every backward
+
+    @torch.no_grad()
+    def pull_params(self) -> None:
+        for i, p in enumerate(self.params):
+            local = p._local_tensor
+            if local._version != self._versions[i]:
+                self.param_views[i].copy_(local)
+                self._versions[i] = local._version
+
+    @torch.no_grad()
+    def push_params(self) -> None:
+        for i, p in enumerate(self.params):
+            local = p._local_tensor
+            local.copy_(self.param_views[i])
+            self._versions[i] = local._version
+
+    @torch.no_grad()
+    def adopt_grads(self) -> None:
+        for p, view in zip(self.params, self.grad_views):
+            g = p.grad
+            if g is None:
+                view.zero_()
+            elif g.layout != torch.strided:
+                raise RuntimeError("SaLSA does not support sparse gradients")
+            else:
+                view.copy_(getattr(g, "_local_tensor", g))
+
+    def zero_grad(self) -> None:
+        self.grad.zero_()
+        for p in self.params:
+            p.grad = None

@@ -23,7 +23,8 @@ from torch.optim import Optimizer
 
 from . import backends
 from .closure import call_closure, check_closure, draw_seed
-from .flat import FlatBucket
+from .distributed import agree_on_flag, agree_on_loss, agree_on_search, resolve_group
+from .flat import FlatBucket, ShardBucket
 from .profiling import annotate
 
 __all__ = ["SaLSA", "SLS", "StepInfo", "SaLSAWarning"]
@@ -106,8 +107,9 @@ class SaLSA(Optimizer):
         max_backtracks: most trials in one search.
         max_interval: most steps between two searches.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
-        process_group, grad_scaler: reserved for distributed training and fp16 loss scaling;
-            not supported yet (``NotImplementedError``).
+        process_group: the ranks that must take the same decisions (default: the world, when
+            torch.distributed is initialised); see :mod:`salsa_fast.distributed`.
+        grad_scaler: reserved for fp16 loss scaling; not supported yet (``NotImplementedError``).
     """
 
     def __init__(
@@ -151,8 +153,7 @@ class SaLSA(Optimizer):
         _check_hyper("max_interval", _is_real(max_interval) and max_interval > 0, max_interval, "must be > 0")
         _check_hyper("direction", direction in ("adam", "sgd"), direction, "must be 'adam' or 'sgd'")
         _check_hyper("backend", backend in backends.NAMES, backend, f"must be one of {backends.NAMES}")
-        if process_group is not None:
-            raise NotImplementedError("SaLSA(process_group=...): distributed line searches are not supported yet")
+        resolve_group(process_group)  # a group without torch.distributed is a ValueError
         if grad_scaler is not None:
             raise NotImplementedError("SaLSA(grad_scaler=...): fp16 loss scaling is not supported yet")
 
@@ -168,6 +169,7 @@ class SaLSA(Optimizer):
         self.max_backtracks = max_backtracks
         self.max_interval = float(max_interval)
         self.backend_name = backend
+        self.process_group = process_group
 
         self._ready = False
         super().__init__(params, dict(lr=1.0, weight_decay=float(weight_decay)))
@@ -180,13 +182,6 @@ class SaLSA(Optimizer):
         self._pending_skips: torch.Tensor | None = None
         self._repack()
         self._ready = True
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                self._warn_once(
-                    "distributed",
-                    "torch.distributed is initialised but SaLSA does not synchronise its line-search "
-                    "decisions across ranks yet: ranks may take different step sizes",
-                )
 
     # ------------------------------------------------------------------------------------------
     # parameter groups and flat buffers
@@ -238,9 +233,10 @@ class SaLSA(Optimizer):
             by_key: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.requires_grad:
-                    by_key.setdefault((p.device, p.dtype), []).append(p)
-            for plist in by_key.values():
-                buckets.append(FlatBucket(plist, gi, keep_second_moment=self.direction == "adam"))
+                    kind = ShardBucket if hasattr(p, "_local_tensor") else FlatBucket  # DTensor: its shard
+                    by_key.setdefault((kind, p.device, p.dtype), []).append(p)
+            for (kind, _, _), plist in by_key.items():
+                buckets.append(kind(plist, gi, keep_second_moment=self.direction == "adam"))
 
         self.state.clear()
         with torch.no_grad():
@@ -259,6 +255,7 @@ class SaLSA(Optimizer):
         self.state.update(self._parked)
 
         self._buckets = buckets
+        self._mirrored = [b for b in buckets if b.mirrored]
         self._all_params = [p for g in self.param_groups for p in g["params"]]
         self._requires_grad = list(map(_requires_grad, self._all_params))
         self._cuda_devices = sorted({b.device.index or 0 for b in buckets if b.device.type == "cuda"})
@@ -279,6 +276,8 @@ class SaLSA(Optimizer):
                     self._repack()  # model.to(device/dtype) after the optimizer was built
                     return
                 b.adopt_param_data()
+        for b in self._mirrored:
+            b.pull_params()
 
     def _adopt_grads(self) -> None:
         for b in self._buckets:
@@ -405,33 +404,48 @@ class SaLSA(Optimizer):
 
     def _plain_step(self, out, loss, k, since, eta_try, lrs, decays, h):
         backend, s = self._backend, self._scalars
+        group = resolve_group(self.process_group)
         found_inf = None
         probes = [backend.grad_probe(b) for b in self._buckets]
         if self._host_checks:
-            total = float(loss) + float(torch.stack(probes).sum())
-            if not math.isfinite(total):
+            bad = not math.isfinite(float(loss) + float(torch.stack(probes).sum()))
+            if group is not None:
+                bad = bool(agree_on_flag(group, torch.tensor(float(bad))))
+            if bad:
                 return self._skip(out)
         else:
-            found_inf = self._device_found_inf(loss, probes)
+            found_inf = self._device_found_inf(loss, probes, group)
         for b, lr, decay in zip(self._buckets, lrs, decays):
             inf_b = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
             backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, found_inf=inf_b)
+        self._push()
         s.step, s.since_search = k, since
         s.forwards += 1
         s.backwards += 1
         self._finish(StepInfo(searched=False, step_size=s.step_size))
         return out
 
-    def _device_found_inf(self, loss, probes):
-        """1.0 on the device when the loss or a gradient is not finite (no host sync)."""
+    def _device_found_inf(self, loss, probes, group):
+        """1.0 on the device when the loss or a gradient is not finite on any rank (no host sync)."""
         dev = self._buckets[0].device
         total = loss.to(dev, torch.float64) + torch.stack([t.to(dev) for t in probes]).sum()
-        found_inf = (~torch.isfinite(total)).to(torch.float32)
+        found_inf = agree_on_flag(group, (~torch.isfinite(total)).to(torch.float32))
         self._pending_skips = found_inf if self._pending_skips is None else self._pending_skips + found_inf
         return found_inf
 
+    def _write_points(self, write, eta, lrs, decays, h) -> None:
+        """Write every bucket's parameters with one backend pass (a trial or fallback point)."""
+        for b, lr, decay in zip(self._buckets, lrs, decays):
+            write(b, lr_step=lr * eta, decay=decay, h=h)
+        self._push()
+
+    def _push(self) -> None:
+        for b in self._mirrored:
+            b.push_params()
+
     def _search_step(self, closure, seed, out, loss, k, eta_try, lrs, decays, h):
         backend, s = self._backend, self._scalars
+        group = resolve_group(self.process_group)
         beta3 = self.betas[2]
         buckets = self._buckets
         devices = self._cuda_devices
@@ -442,19 +456,23 @@ class SaLSA(Optimizer):
         self._in_search = True
         try:
             dev = buckets[0].device
-            pp = torch.zeros((), dtype=torch.float64, device=dev)
+            pp_full = torch.zeros((), dtype=torch.float64, device=dev)  # norm of whole parameters
+            pp_sharded = torch.zeros((), dtype=torch.float64, device=dev)  # of this rank's shards
             for b, lr, decay in zip(buckets, lrs, decays):
-                pp_b = backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h)
-                pp = pp + lr * pp_b.to(dev, torch.float64)
-            read = [loss.to(dev, torch.float64), pp]
+                pp_b = lr * backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h).to(dev, torch.float64)
+                if b.sharded:
+                    pp_sharded = pp_sharded + pp_b
+                else:
+                    pp_full = pp_full + pp_b
+            self._push()
+            read = [agree_on_search(group, loss.to(dev, torch.float64), pp_full, pp_sharded)]
             if self._pending_skips is not None:
-                read.append(self._pending_skips.to(dev, torch.float64))
+                read.append(self._pending_skips.to(dev, torch.float64).reshape(1))
                 self._pending_skips = None
-            loss_v, pp_v, *skips = torch.stack(read).tolist()  # the one sync of the search
+            loss_v, pp_v, *skips = torch.cat(read).tolist()  # the one sync of the search
             s.skipped += int(sum(skips))
             if not (math.isfinite(loss_v) and math.isfinite(pp_v)):
-                for b in buckets:
-                    backend.search_abort(b)
+                self._abort()
                 return self._skip(out)
 
             norm_avg = beta3 * s.norm_avg + (1 - beta3) * pp_v
@@ -467,6 +485,8 @@ class SaLSA(Optimizer):
                     )
                 while True:
                     _, trial_loss = call_closure(closure, seed, devices, backwards=False)
+                    if group is not None:
+                        trial_loss = agree_on_loss(group, trial_loss.to(dev, torch.float64))
                     trial_v = float(trial_loss)  # one sync per trial
                     trials += 1
                     if math.isfinite(trial_v):
@@ -481,17 +501,14 @@ class SaLSA(Optimizer):
                     eta_try *= self.decrease
                     if trials == self.max_backtracks:
                         break  # parameters stay at the last trial
-                    for b, lr, decay in zip(buckets, lrs, decays):
-                        backend.search_trial(b, lr_step=lr * eta_try, decay=decay, h=h)
+                    self._write_points(backend.search_trial, eta_try, lrs, decays, h)
             else:
                 # Loss or norm too small for the criterion: step along the momentum direction.
-                for b, lr, decay in zip(buckets, lrs, decays):
-                    backend.search_momentum_point(b, lr_step=lr * eta_try, decay=decay, h=h)
+                self._write_points(backend.search_momentum_point, eta_try, lrs, decays, h)
                 call_closure(closure, seed, devices, backwards=False)
                 forwards += 1
         except BaseException:
-            for b in buckets:
-                backend.search_abort(b)
+            self._abort()
             raise
         finally:
             self._in_search = False
@@ -509,6 +526,11 @@ class SaLSA(Optimizer):
         s.trials += trials
         self._finish(StepInfo(searched=True, trials=trials, accepted=accepted, step_size=eta_try))
         return out
+
+    def _abort(self) -> None:
+        for b in self._buckets:
+            self._backend.search_abort(b)
+        self._push()
 
     def _skip(self, out):
         s = self._scalars

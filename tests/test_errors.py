@@ -173,9 +173,12 @@ def test_duplicate_parameters():
         SaLSA([p, p])
 
 
-def test_not_yet_supported_arguments_say_so():
-    with pytest.raises(NotImplementedError, match="distributed"):
+def test_process_group_without_torch_distributed():
+    with pytest.raises(ValueError, match="process_group was given but torch.distributed is not initialised"):
         SaLSA(mlp().parameters(), process_group=object())
+
+
+def test_not_yet_supported_arguments_say_so():
     with pytest.raises(NotImplementedError, match="loss scaling"):
         SaLSA(mlp().parameters(), grad_scaler=object())
 

@@ -1,0 +1,104 @@
+"""Distributed training on CPU with gloo, two processes: every rank takes the same decisions.
+
+Each rank trains on its half of every batch. With SaLSA's all-reduces, the ranks hold identical
+parameters after identical closure calls, and equal one process training on the whole batches.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import dist_workers
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import mlp, train
+
+from salsa_fast import SaLSA
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(fn, tmp_path, *args):
+    mp.spawn(fn, args=(WORLD, _free_port(), str(tmp_path), *args), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def _single_process():
+    """One process, the whole batches: what the ranks together must reproduce."""
+    model = mlp()
+    run = train(model, SaLSA(model.parameters(), **dist_workers.OPTIONS), dist_workers.STEPS,
+                batch=dist_workers.BATCH)  # fmt: skip
+    return model, run
+
+
+def _max_diff(params, model):
+    return max((p - q.detach()).abs().max().item() for p, q in zip(params, model.parameters()))
+
+
+def _assert_ranks_agree(results):
+    first = results[0]
+    for other in results[1:]:
+        assert other["calls"] == first["calls"]
+        assert all(torch.equal(p, q) for p, q in zip(first["params"], other["params"]))
+        assert other["stats"] == first["stats"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ddp_ranks_take_identical_decisions_equal_to_one_process(tmp_path, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    results = _launch(dist_workers.ddp, tmp_path, True, backend)
+    _assert_ranks_agree(results)
+    model, run = _single_process()
+    assert results[0]["calls"] == run.calls
+    assert _max_diff(results[0]["params"], model) <= 1e-4
+    assert results[0]["stats"]["searches"] > 5  # the decisions were really exercised
+
+
+def test_without_the_all_reduce_ranks_disagree(tmp_path):
+    """The same run with the collectives replaced by local numbers: the ranks, seeing different
+    data, decide differently, which is what the test above would catch."""
+    results = _launch(dist_workers.ddp, tmp_path, False)
+    differs = results[0]["calls"] != results[1]["calls"] or not all(
+        torch.equal(p, q) for p, q in zip(results[0]["params"], results[1]["params"])
+    )
+    assert differs
+
+
+def test_ddp_checkpoint_rank0_saves_all_load(tmp_path):
+    resumed = _launch(dist_workers.ddp_checkpoint, tmp_path)
+    _assert_ranks_agree(resumed)
+    uninterrupted = _launch(dist_workers.ddp, tmp_path)
+    assert resumed[0]["calls"] == uninterrupted[0]["calls"]
+    assert all(torch.equal(p, q) for p, q in zip(resumed[0]["params"], uninterrupted[0]["params"]))
+
+
+def test_fsdp2_sharded_parameters(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 is not available")
+    results = _launch(dist_workers.fsdp, tmp_path)
+    assert all(results[0]["sharded"])
+    _assert_ranks_agree(results)
+    model, run = _single_process()
+    assert results[0]["calls"] == run.calls
+    assert _max_diff(results[0]["params"], model) <= 1e-4
+
+
+def test_torchrun_example(tmp_path):
+    """examples/ddp_digits.py, launched as the README says (torchrun, two CPU processes)."""
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "ddp_digits.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), example, "--steps", "30"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ranks hold identical parameters: True" in done.stdout
+    assert (tmp_path / "salsa_ddp_checkpoint.pt").exists()
