@@ -22,6 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends
+from .amp import ScalerLink
 from .closure import call_closure, check_closure, draw_seed
 from .distributed import agree_on_flag, agree_on_loss, agree_on_search, resolve_group
 from .flat import FlatBucket, ShardBucket
@@ -109,7 +110,9 @@ class SaLSA(Optimizer):
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         process_group: the ranks that must take the same decisions (default: the world, when
             torch.distributed is initialised); see :mod:`salsa_fast.distributed`.
-        grad_scaler: reserved for fp16 loss scaling; not supported yet (``NotImplementedError``).
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training: the closure calls
+            ``scaler.scale(loss).backward()`` and returns the unscaled loss; SaLSA unscales,
+            skips overflowing steps and updates the scaler (see :mod:`salsa_fast.amp`).
     """
 
     def __init__(
@@ -154,8 +157,6 @@ class SaLSA(Optimizer):
         _check_hyper("direction", direction in ("adam", "sgd"), direction, "must be 'adam' or 'sgd'")
         _check_hyper("backend", backend in backends.NAMES, backend, f"must be one of {backends.NAMES}")
         resolve_group(process_group)  # a group without torch.distributed is a ValueError
-        if grad_scaler is not None:
-            raise NotImplementedError("SaLSA(grad_scaler=...): fp16 loss scaling is not supported yet")
 
         self.init_step_size = float(init_step_size)
         self.c = float(c)
@@ -180,6 +181,7 @@ class SaLSA(Optimizer):
         # CUDA non-search steps skip non-finite gradients on the device; their count waits here
         # and is read with the next search's one sync (or by state_dict()).
         self._pending_skips: torch.Tensor | None = None
+        self._scaler = ScalerLink(grad_scaler, self) if grad_scaler is not None else None
         self._repack()
         self._ready = True
 
@@ -372,6 +374,8 @@ class SaLSA(Optimizer):
         devices = self._cuda_devices
         out, loss = call_closure(closure, seed, devices, backwards=True)
         self._adopt_grads()
+        scaling = self._scaler is not None and self._scaler.enabled
+        grads_bad = self._scaler.unscale(self._buckets) if scaling else None
 
         s = self._scalars
         beta1, beta2, _ = self.betas
@@ -398,23 +402,23 @@ class SaLSA(Optimizer):
 
         if not search:
             with annotate("salsa.plain_step"):
-                return self._plain_step(out, loss, k, since, eta_try, lrs, decays, h)
-        with annotate("salsa.search"):
-            return self._search_step(closure, seed, out, loss, k, eta_try, lrs, decays, h)
-
-    def _plain_step(self, out, loss, k, since, eta_try, lrs, decays, h):
-        backend, s = self._backend, self._scalars
-        group = resolve_group(self.process_group)
-        found_inf = None
-        probes = [backend.grad_probe(b) for b in self._buckets]
-        if self._host_checks:
-            bad = not math.isfinite(float(loss) + float(torch.stack(probes).sum()))
-            if group is not None:
-                bad = bool(agree_on_flag(group, torch.tensor(float(bad))))
-            if bad:
-                return self._skip(out)
+                result = self._plain_step(out, loss, k, since, eta_try, lrs, decays, h, grads_bad)
         else:
-            found_inf = self._device_found_inf(loss, probes, group)
+            with annotate("salsa.search"):
+                result = self._search_step(closure, seed, out, loss, k, eta_try, lrs, decays, h)
+        if scaling:
+            self._scaler.update()
+        return result
+
+    def _plain_step(self, out, loss, k, since, eta_try, lrs, decays, h, grads_bad):
+        backend, s = self._backend, self._scalars
+        found_inf = self._nonfinite_flag(loss, grads_bad)
+        if self._host_checks:  # CPU: reading it is free, and an exact skip needs no device masking
+            if float(found_inf):
+                return self._skip(out, warn=grads_bad is None)
+            found_inf = None
+        else:
+            self._pending_skips = found_inf if self._pending_skips is None else self._pending_skips + found_inf
         for b, lr, decay in zip(self._buckets, lrs, decays):
             inf_b = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
             backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, found_inf=inf_b)
@@ -425,13 +429,18 @@ class SaLSA(Optimizer):
         self._finish(StepInfo(searched=False, step_size=s.step_size))
         return out
 
-    def _device_found_inf(self, loss, probes, group):
-        """1.0 on the device when the loss or a gradient is not finite on any rank (no host sync)."""
+    def _nonfinite_flag(self, loss, grads_bad):
+        """1.0 (fp32, on the first bucket's device) when the loss or a gradient is not finite on
+        any rank; no host sync. ``grads_bad`` is the GradScaler's finding, else the gradient
+        buffers are probed."""
         dev = self._buckets[0].device
-        total = loss.to(dev, torch.float64) + torch.stack([t.to(dev) for t in probes]).sum()
-        found_inf = agree_on_flag(group, (~torch.isfinite(total)).to(torch.float32))
-        self._pending_skips = found_inf if self._pending_skips is None else self._pending_skips + found_inf
-        return found_inf
+        total = loss.to(dev, torch.float64) * 0  # NaN iff the loss is not finite
+        if grads_bad is None:
+            total = total + torch.stack([self._backend.grad_probe(b).to(dev) for b in self._buckets]).sum()
+        flag = (~torch.isfinite(total)).to(torch.float32)
+        if grads_bad is not None:
+            flag = torch.maximum(flag, grads_bad.to(dev))
+        return agree_on_flag(resolve_group(self.process_group), flag)
 
     def _write_points(self, write, eta, lrs, decays, h) -> None:
         """Write every bucket's parameters with one backend pass (a trial or fallback point)."""
@@ -473,7 +482,7 @@ class SaLSA(Optimizer):
             s.skipped += int(sum(skips))
             if not (math.isfinite(loss_v) and math.isfinite(pp_v)):
                 self._abort()
-                return self._skip(out)
+                return self._skip(out, warn=self._scaler is None or not self._scaler.enabled)
 
             norm_avg = beta3 * s.norm_avg + (1 - beta3) * pp_v
             if abs(loss_v) >= _MIN_LOSS and norm_avg >= _MIN_LOSS:
@@ -532,16 +541,18 @@ class SaLSA(Optimizer):
             self._backend.search_abort(b)
         self._push()
 
-    def _skip(self, out):
+    def _skip(self, out, warn: bool = True):
+        """Nothing changes; counted. (Overflow skips under a GradScaler are routine: no warning.)"""
         s = self._scalars
         s.skipped += 1
         s.forwards += 1
         s.backwards += 1
-        self._warn_once(
-            "nonfinite",
-            "non-finite loss or gradient: SaLSA skipped this step (parameters and state unchanged); "
-            "`optimizer.stats['skipped_steps']` counts such steps",
-        )
+        if warn:
+            self._warn_once(
+                "nonfinite",
+                "non-finite loss or gradient: SaLSA skipped this step (parameters and state unchanged); "
+                "`optimizer.stats['skipped_steps']` counts such steps",
+            )
         self._finish(StepInfo(skipped=True, step_size=s.step_size))
         return out
 

@@ -178,8 +178,8 @@ def test_process_group_without_torch_distributed():
         SaLSA(mlp().parameters(), process_group=object())
 
 
-def test_not_yet_supported_arguments_say_so():
-    with pytest.raises(NotImplementedError, match="loss scaling"):
+def test_grad_scaler_must_be_a_grad_scaler():
+    with pytest.raises(TypeError, match="torch.amp.GradScaler"):
         SaLSA(mlp().parameters(), grad_scaler=object())
 
 
