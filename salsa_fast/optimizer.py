@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from . import backends
@@ -182,6 +183,7 @@ class SaLSA(Optimizer):
         # and is read with the next search's one sync (or by state_dict()).
         self._pending_skips: torch.Tensor | None = None
         self._scaler = ScalerLink(grad_scaler, self) if grad_scaler is not None else None
+        self._preserved: list[nn.Module] = []
         self._repack()
         self._ready = True
 
@@ -293,6 +295,26 @@ class SaLSA(Optimizer):
                         "SaLSA copies it back into its flat gradient buffer, which costs an extra pass. "
                         "Call optimizer.zero_grad() instead to keep the fast path",
                     )
+
+    def preserve_buffers(self, *modules: nn.Module) -> None:
+        """Keep these modules' buffers as the gradient pass left them through the line search.
+
+        A trial forward pass in train mode would update BatchNorm's running statistics (and any
+        other buffer a forward pass writes) once per trial, as the published package's trials
+        do. With the modules registered here, their buffers are snapshotted after the gradient
+        pass and restored after every trial, so a step updates them exactly once."""
+        for module in modules:
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"preserve_buffers takes nn.Modules, got {type(module).__name__}")
+            if module not in self._preserved:
+                self._preserved.append(module)
+
+    def _buffers_to_preserve(self) -> list[torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+        for module in self._preserved:
+            for t in module.buffers():
+                seen.setdefault(id(t), t)
+        return list(seen.values())
 
     @torch._disable_dynamo
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -462,6 +484,17 @@ class SaLSA(Optimizer):
         trials = 0
         accepted = False
         decrease_avg = s.decrease_avg
+        buffers = self._buffers_to_preserve()
+        saved = [t.clone() for t in buffers]
+
+        def trial_closure():
+            try:
+                return call_closure(closure, seed, devices, backwards=False)
+            finally:
+                with torch.no_grad():
+                    for t, v in zip(buffers, saved):
+                        t.copy_(v)
+
         self._in_search = True
         try:
             dev = buckets[0].device
@@ -493,7 +526,7 @@ class SaLSA(Optimizer):
                         "(e.g. >= 0); the search goes on, but the step size may grow without bound",
                     )
                 while True:
-                    _, trial_loss = call_closure(closure, seed, devices, backwards=False)
+                    _, trial_loss = trial_closure()
                     if group is not None:
                         trial_loss = agree_on_loss(group, trial_loss.to(dev, torch.float64))
                     trial_v = float(trial_loss)  # one sync per trial
@@ -514,7 +547,7 @@ class SaLSA(Optimizer):
             else:
                 # Loss or norm too small for the criterion: step along the momentum direction.
                 self._write_points(backend.search_momentum_point, eta_try, lrs, decays, h)
-                call_closure(closure, seed, devices, backwards=False)
+                trial_closure()
                 forwards += 1
         except BaseException:
             self._abort()

@@ -283,3 +283,56 @@ def test_no_warning_on_the_fast_path():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(model, SaLSA(model.parameters()), 20)
+
+
+class _BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def _bn_step(preserve):
+    torch.manual_seed(0)
+    model = _BNNet()
+    opt = SaLSA(model.parameters(), init_step_size=30.0)  # several trials per search
+    if preserve:
+        opt.preserve_buffers(model)
+    x, y = digits()
+    xb, yb = x[:64], y[:64]
+
+    def closure(backwards=False):
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        if backwards:
+            loss.backward()
+        return loss
+
+    # what one train-mode forward of this batch does to the statistics
+    expected = nn.BatchNorm1d(32)
+    expected.load_state_dict(model.bn.state_dict())
+    with torch.no_grad():
+        expected(model.fc1(xb))
+    opt.step(closure)
+    assert opt.last_step.trials > 1
+    return model.bn, expected
+
+
+def test_preserve_buffers_keeps_batchnorm_statistics_out_of_the_trials():
+    bn, expected = _bn_step(preserve=True)
+    assert torch.equal(bn.running_mean, expected.running_mean)
+    assert torch.equal(bn.running_var, expected.running_var)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_without_preserve_buffers_trials_update_the_statistics():
+    bn, expected = _bn_step(preserve=False)
+    assert int(bn.num_batches_tracked) > 1  # as in the published package
+    assert not torch.equal(bn.running_mean, expected.running_mean)
+
+
+def test_preserve_buffers_takes_modules():
+    opt = SaLSA(mlp().parameters())
+    with pytest.raises(TypeError, match="nn.Modules"):
+        opt.preserve_buffers(torch.zeros(3))

@@ -1,0 +1,18 @@
+"""Training-stack integrations: each module imports its framework only when imported itself.
+
+* :mod:`salsa_fast.integrations.transformers`: ``SaLSATrainer``, a Hugging Face ``Trainer``.
+* :mod:`salsa_fast.integrations.lightning`: ``SaLSAMixin`` for a ``LightningModule``.
+"""
+
+
+def log_values(optimizer) -> dict[str, float]:
+    """What the integrations log after a step: the step size and the search statistics."""
+    stats = optimizer.stats
+    steps = max(1, stats["steps"])
+    return {
+        "step_size": stats["step_size"],
+        "search_interval": stats["search_interval"],
+        "searched_fraction": stats["searches"] / steps,
+        "forwards_per_step": stats["forwards"] / max(1, stats["steps"] + stats["skipped_steps"]),
+        "skipped_steps": stats["skipped_steps"],
+    }
