@@ -4,7 +4,8 @@
     optimizer = SaLSA(model.parameters())
 """
 
+from .labpal import LABPAL
 from .optimizer import SLS, SaLSA, SaLSAWarning, StepInfo
 
-__all__ = ["SaLSA", "SLS", "SaLSAWarning", "StepInfo"]
+__all__ = ["SaLSA", "SLS", "LABPAL", "SaLSAWarning", "StepInfo"]
 __version__ = "0.1.0"

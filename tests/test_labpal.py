@@ -1,0 +1,327 @@
+"""LABPAL: the flat optimizer against its reference twin, the parabola fit, the schedule, the
+fixed reference defects, resume."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import digits, max_abs_diff, mlp, train
+from torch import nn
+
+from salsa_fast import LABPAL
+from salsa_fast.labpal import H, parabola_step
+from salsa_fast.labpal_reference import LABPALReference
+
+DIGITS = dict(training_set_size=1797, batch_size=64)
+# Frequent measurements and a moderate cap keep the dynamics tame enough that float64 runs of
+# the two implementations stay together to the last bits over 300 calls (with the default cap,
+# normalised steps of length 1.8 make the training chaotic and any rounding difference grows).
+BRISK = dict(DIGITS, reuse_steps=60, warmup_updates=40, max_step_size=0.2)
+CASES = {
+    "nsgd": dict(mode="nsgd"),
+    "sgd": dict(mode="sgd"),
+    "nsgd_momentum": dict(mode="nsgd", momentum=0.5),
+    "sgd_momentum": dict(mode="sgd", momentum=0.5),
+    "batch_schedule": dict(mode="nsgd", batch_size_schedule=((0, 1), (150, 40))),  # k becomes 3
+    "exact_fit": dict(mode="nsgd", fit="exact"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_decisions_and_parameters_as_the_reference_twin(case):
+    options = {**BRISK, **CASES[case]}
+    a, b = mlp(torch.float64), mlp(torch.float64)
+    fast, ref = LABPAL(a.parameters(), **options), LABPALReference(b.parameters(), **options)
+    ra = train(a, fast, 300, dtype=torch.float64)
+    rb = train(b, ref, 300, dtype=torch.float64)
+    assert ra.calls == rb.calls  # the same closure calls after every step call
+    assert fast.stats["measurements"] >= 4
+    assert fast.step_size == pytest.approx(ref.step_value, rel=1e-9)
+    assert fast.learning_rate == pytest.approx(ref.lr, rel=1e-9)
+    assert fast.stats["k"] == ref.k
+    assert max_abs_diff(a, b) <= 1e-9
+
+
+def _full_loss(model):
+    x, y = digits()
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(x), y).item()
+
+
+def test_nsgd_with_default_hyperparameters_trains_digits():
+    """Batch 64, 1000 step calls: under half the initial full-batch loss at <= 1.3 closure calls
+    per step. (mode="sgd" with the defaults overshoots on this MLP: see the README.)"""
+    model = mlp()
+    initial = _full_loss(model)
+    opt = LABPAL(model.parameters(), training_set_size=1797, batch_size=64)
+    run = train(model, opt, 1000)
+    assert _full_loss(model) < initial / 2
+    assert run.calls[-1] / 1000 <= 1.3
+    assert opt.stats["measurements"] == 2  # the first call, and once after the warm-up
+
+
+# -- the parabola fit --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha,beta,c", [(2.0, -0.3, 1.0), (0.5, -1e-3, 3.0), (40.0, -2.0, 0.1)])
+def test_fit_on_exact_parabolas(alpha, beta, c):
+    mu = 0.01
+    losses = tuple(c + beta * x + alpha * x * x for x in (0.0, H, mu))
+    a, b, s = parabola_step(losses, H, mu, "exact")
+    assert a == pytest.approx(alpha, rel=1e-6) and b == pytest.approx(beta, rel=1e-6)
+    assert s == pytest.approx(-beta / (2 * alpha), rel=1e-6)
+    a, b, s = parabola_step(losses, H, mu, "reference")
+    assert a == pytest.approx(alpha / 2, rel=1e-6)
+    assert b == pytest.approx(beta + alpha * H, rel=1e-6)
+    assert s == pytest.approx(-beta / alpha - H, rel=1e-6)  # about twice the minimum, as documented
+
+
+def test_reference_fit_is_numpy_gradient_twice():
+    rng = np.random.default_rng(0)
+    x = np.array([0.0, H, 0.01])
+    for _ in range(20):
+        f = rng.normal(size=3)
+        slopes = np.gradient(f, x)
+        curvature = np.gradient(slopes, x)
+        a, b, s = parabola_step(tuple(f), H, 0.01, "reference")
+        assert a == pytest.approx(curvature[0] / 2, rel=1e-9) and b == pytest.approx(slopes[0], rel=1e-9)
+
+
+# -- schedule, warm-up, step bookkeeping ---------------------------------------------------------
+
+
+def test_schedule_entries_are_never_missed_with_accumulation():
+    """The reference needs the call counter to equal an entry's call exactly and an empty
+    accumulator; with k > 1 it can miss an entry (and every later one)."""
+    model = mlp(torch.float64)
+    nf = (128 / 64) * (1797 / 40000)  # 0.0899
+    schedule = ((0, 1), (0, 30), (101, 60), (103, 120))  # k: 1 -> 2 -> 5 -> 10
+    opt = LABPAL(model.parameters(), **{**BRISK, "batch_size_schedule": schedule})
+    train(model, opt, 101, dtype=torch.float64)
+    assert opt.stats["k"] == max(int(30 * nf), 1) == 2
+    train(model, opt, 1, dtype=torch.float64, start=101, rng_seed=None)  # entry at call 101
+    assert opt.stats["k"] == max(int(60 * nf), 1) == 5 and opt.measuring
+    train(model, opt, 2, dtype=torch.float64, start=102, rng_seed=None)  # 103 lands mid-measurement
+    assert opt.stats["k"] == max(int(120 * nf), 1) == 10
+
+
+def test_warmup_measurement_and_reuse():
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), **{**DIGITS, "warmup_updates": 30, "reuse_steps": 50, "max_step_size": 0.2})
+    train(model, opt, 10, dtype=torch.float64)
+    assert opt.stats["measurements"] == 1 and opt.stats["updates"] == 1  # the first call measured
+    train(model, opt, 30, dtype=torch.float64, start=10, rng_seed=None)
+    assert opt.stats["updates"] == 31 and not opt.measuring  # 30 warm-up updates + the first
+    train(model, opt, 1, dtype=torch.float64, start=40, rng_seed=None)
+    assert opt.measuring  # warm-up over: measure once
+    train(model, opt, 9 + 50, dtype=torch.float64, start=41, rng_seed=None)
+    assert opt.stats["measurements"] == 2 and opt.stats["updates"] == 32 + 50
+    train(model, opt, 1, dtype=torch.float64, start=100, rng_seed=None)
+    assert opt.measuring  # reuse_steps updates since the last measurement
+
+
+def test_step_is_the_window_mean_after_warmup():
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), **{**BRISK, "window": 3})
+    train(model, opt, 300, dtype=torch.float64)
+    history = opt._scalars.history
+    assert 1 <= len(history) <= 3
+    assert opt.step_size == pytest.approx(sum(history) / len(history))
+
+
+# -- the reference's defects, fixed --------------------------------------------------------------
+
+
+def test_moves_follow_the_stored_direction_even_after_set_to_none():
+    """Reference: with zero_grad(set_to_none=True) every line move skipped every parameter."""
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), **DIGITS)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 10, dtype=torch.float64, zero_grad=model.zero_grad)
+    assert opt.stats["measurements"] == 1 and opt.stats["rejected"] == 0
+    assert math.isfinite(opt.step_size) and opt.step_size > 0
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_clipping_does_not_raise_the_cap():
+    """Reference: clipping aliased the cap and scaled it in place, 1.8x more per clip."""
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), **{**DIGITS, "max_step_size": 1e-4, "reuse_steps": 5, "warmup_updates": 0})
+    train(model, opt, 120, dtype=torch.float64)
+    assert opt.stats["measurements"] >= 5
+    assert opt.step_size == pytest.approx(1e-4 * 1.8)
+
+
+def test_first_measurement_abandoned_measures_again():
+    """Reference: abandoning the first measurement left no step, and the next update crashed."""
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), **DIGITS)
+    x, y = digits(torch.float64)
+    before = [p.detach().clone() for p in model.parameters()]
+    for call in range(25):
+        xb, yb = x[call * 64 : call * 64 + 64], y[call * 64 : call * 64 + 64]
+        scale = 1e6 if call == 0 else 1.0  # ||d|| > 100 on the first call
+
+        def closure(backwards=False, xb=xb, yb=yb, scale=scale):
+            loss = nn.functional.cross_entropy(model(xb), yb) * scale
+            if backwards:
+                loss.backward()
+            return loss
+
+        opt.zero_grad()
+        opt.step(closure)
+        if call == 0:
+            assert opt.stats["abandoned"] == 1 and opt.measuring and opt.step_size is None
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.step_size is not None and opt.stats["measurements"] == 1 and not opt.measuring
+
+
+def test_numpy_rng_is_left_alone_and_cpu_works():
+    np.random.seed(123)
+    state = np.random.get_state()[1].copy()
+    model = mlp()
+    train(model, LABPAL(model.parameters(), **DIGITS), 15)
+    assert np.array_equal(np.random.get_state()[1], state)
+
+
+def test_dropout_masks_repeat_at_every_point_of_the_line():
+    model = nn.Sequential(nn.Linear(64, 32), nn.Dropout(0.5), nn.Linear(32, 10))
+    masks = []
+    model[1].register_forward_hook(lambda mod, inp, out: masks.append(out == 0))
+    opt = LABPAL(model.parameters(), **DIGITS)
+    train(model, opt, 10)  # one measurement: 10 calls, then 2 x 10 re-evaluations
+    assert len(masks) == 30
+    for i in range(10):
+        assert torch.equal(masks[10 + i], masks[i]) and torch.equal(masks[20 + i], masks[i])
+
+
+def test_preserve_buffers_keeps_batchnorm_out_of_the_extra_forwards():
+    def run(preserve):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+        opt = LABPAL(model.parameters(), **DIGITS)
+        if preserve:
+            opt.preserve_buffers(model)
+        train(model, opt, 12)
+        return int(model[1].num_batches_tracked)
+
+    assert run(True) == 12  # one forward per step call
+    assert run(False) == 32  # and 2 x 10 more from the measurement, as in the reference
+
+
+def test_parameters_without_gradients():
+    """Reference: parameters that never get a gradient crashed the direction code."""
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(64, 10), nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    before = [p.detach().clone() for p in model.unused.parameters()]
+    opt = LABPAL(model.parameters(), **DIGITS)
+    train(model, opt, 30)
+    assert opt.step_size is not None
+    assert all(torch.equal(p, q) for p, q in zip(model.unused.parameters(), before))
+
+
+def test_step_returns_the_loss_and_reports_the_step():
+    model = mlp()
+    opt = LABPAL(model.parameters(), **DIGITS)
+    x, y = digits()
+
+    def closure(backwards=False):
+        loss = nn.functional.cross_entropy(model(x[:64]), y[:64])
+        if backwards:
+            loss.backward()
+        return loss
+
+    out = opt.step(closure)
+    assert isinstance(out, torch.Tensor) and out.dim() == 0
+    assert opt.step_size is None and opt.param_groups[0]["step_size"] is None  # nothing measured yet
+    train(model, opt, 9, start=1)
+    assert opt.param_groups[0]["step_size"] == opt.step_size > 0
+
+
+def test_nan_losses_are_skipped_in_a_measurement():
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), **DIGITS)
+    x, y = digits(torch.float64)
+    for call in range(10):
+        xb, yb = x[call * 64 : call * 64 + 64], y[call * 64 : call * 64 + 64]
+
+        def closure(backwards=False, xb=xb, yb=yb, call=call):
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            if backwards:
+                loss.backward()
+            return loss * float("nan") if call == 5 else loss  # one forward-only batch is NaN
+
+        opt.zero_grad()
+        opt.step(closure)
+    assert opt.stats["measurements"] == 1 and opt.stats["rejected"] == 0
+    assert math.isfinite(opt.step_size)
+
+
+def test_lr_multiplier_scales_the_updates():
+    a, b = mlp(torch.float64), mlp(torch.float64)
+    opt_a = LABPAL(a.parameters(), **BRISK)
+    opt_b = LABPAL([{"params": list(b.parameters()), "lr": 0.0}], **BRISK)
+    train(a, opt_a, 30, dtype=torch.float64)
+    frozen = [p.detach().clone() for p in b.parameters()]
+    train(b, opt_b, 30, dtype=torch.float64)
+    assert all(torch.equal(p, q) for p, q in zip(b.parameters(), frozen))  # every update scaled to 0
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), frozen))
+
+
+# -- state_dict ---------------------------------------------------------------------------------
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("cut", [57, 130])  # training (mid-accumulation with k = 3) / measuring
+def test_resume(cut):
+    options = {**BRISK, "momentum": 0.5, "batch_size_schedule": ((0, 1), (50, 40))}
+    full_model = mlp(torch.float64)
+    full_opt = LABPAL(full_model.parameters(), **options)
+    full = train(full_model, full_opt, 200, dtype=torch.float64)
+
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), **options)
+    first = train(model, opt, cut, dtype=torch.float64)
+    was_measuring = opt.measuring
+    ckpt = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()})
+    model = mlp(torch.float64, seed=9)
+    model.load_state_dict(ckpt["model"])
+    opt = LABPAL(model.parameters(), **options)
+    opt.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    second = train(model, opt, 200 - cut, dtype=torch.float64, start=cut, rng_seed=None)
+    if not was_measuring:
+        assert first.calls[-1] + second.calls[-1] == full.calls[-1]
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), full_model.parameters()))
+    else:  # the interrupted measurement starts over from the same point; training goes on
+        assert opt.stats["measurements"] >= full_opt.stats["measurements"] - 1
+        assert math.isfinite(opt.step_size)
+
+
+def test_bad_hyperparameters():
+    params = list(mlp().parameters())
+    for kwargs in (dict(mode="adam"), dict(momentum=1.0), dict(reuse_steps=0), dict(sample_step=1e-5),
+                   dict(fit="quadratic"), dict(batch_size_schedule=((0, -1),)), dict(batch_size=0)):  # fmt: skip
+        with pytest.raises(ValueError):
+            LABPAL(params, **kwargs)
+    with pytest.raises(ValueError, match="weight decay"):
+        LABPAL([{"params": params, "weight_decay": 0.1}])
+    with pytest.raises(TypeError, match="backwards"):
+        LABPAL(params).step(lambda: 0.0)
