@@ -77,11 +77,8 @@ def state_bytes(opt) -> int:
 
 
 def run(workload: workloads.Workload, name: str, make_opt, device: torch.device) -> dict:
-    model = workload.model
-    opt = make_opt(list(model.parameters()))
-    closure_based = not name.startswith("adam")
-    calls = 0
-    searched = 0
+    opt = make_opt(list(workload.model.parameters()))
+    calls = searched = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timed_steps = len(workload.batches) - WARMUP
@@ -91,32 +88,16 @@ def run(workload: workloads.Workload, name: str, make_opt, device: torch.device)
             if i == WARMUP:
                 sync(device)
                 start = time.perf_counter()
-            if not closure_based:
-                opt.zero_grad()
-                workload.loss(xb, yb).backward()
-                opt.step()
-                calls += 1
-                continue
-            before = calls
-
-            def closure(backwards=False):
-                nonlocal calls
-                calls += 1
-                loss = workload.loss(xb, yb)
-                if backwards:
-                    loss.backward()
-                return loss
-
-            opt.zero_grad()
-            opt.step(closure)
-            searched += calls - before > 1
+            forwards = workload.step(opt, xb, yb)
+            calls += forwards
+            searched += forwards > 1
     sync(device)
     seconds = time.perf_counter() - start
     steps = len(workload.batches)
     return {
         "ms_per_step": 1e3 * seconds / timed_steps,
         "forwards_per_step": calls / steps,
-        "searched_fraction": searched / steps if closure_based else 0.0,
+        "searched_fraction": searched / steps,
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "state_mb": state_bytes(opt) / 2**20,
     }

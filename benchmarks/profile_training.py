@@ -52,14 +52,7 @@ def main(argv=None) -> str:
     opt = SaLSA(work.model.parameters(), backend=args.backend)
 
     def train_step(xb, yb):
-        def closure(backwards=False):
-            loss = work.loss(xb, yb)
-            if backwards:
-                loss.backward()
-            return loss
-
-        opt.zero_grad()
-        opt.step(closure)
+        work.step(opt, xb, yb)
 
     for xb, yb in work.batches[: args.warmup]:
         train_step(xb, yb)

@@ -32,6 +32,28 @@ class Workload:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    def step(self, opt, xb: torch.Tensor, yb: torch.Tensor) -> int:
+        """One training step on (xb, yb) with a torch optimizer or a closure optimizer (SaLSA,
+        the published package); returns the number of forward passes it took."""
+        if isinstance(opt, (torch.optim.Adam, torch.optim.SGD)):
+            opt.zero_grad()
+            self.loss(xb, yb).backward()
+            opt.step()
+            return 1
+        calls = 0
+
+        def closure(backwards=False):
+            nonlocal calls
+            calls += 1
+            loss = self.loss(xb, yb)
+            if backwards:
+                loss.backward()
+            return loss
+
+        opt.zero_grad()
+        opt.step(closure)
+        return calls
+
 
 def _digits():
     from sklearn.datasets import load_digits
