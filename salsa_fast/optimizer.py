@@ -200,17 +200,17 @@ class SaLSA(Optimizer):
                 "(a multiplier on the step size) and 'weight_decay' may differ per group"
             )
         params = param_group.get("params")
-        if isinstance(params, (list, tuple)) and len(set(map(id, params))) != len(params):
-            raise ValueError("a param group lists the same parameter twice")
+        if params is not None and not isinstance(params, (torch.Tensor, set)):  # (torch rejects sets)
+            param_group = {**param_group, "params": list(params)}
+            if len(set(map(id, param_group["params"]))) != len(param_group["params"]):
+                # torch only warns, and two views of one parameter would be packed twice
+                raise ValueError("a param group lists the same parameter twice")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for key in ("lr", "weight_decay"):
             value = group[key]
             _check_hyper(f"param group '{key}'", _is_real(value) and value >= 0, value, "must be >= 0")
-        params = group["params"]
-        if len(set(params)) != len(params):
-            raise ValueError("a param group lists the same parameter twice")
-        for p in params:
+        for p in group["params"]:
             if p.is_sparse or p.layout != torch.strided:
                 raise RuntimeError("SaLSA does not support sparse parameters")
             if not p.is_floating_point():
@@ -322,8 +322,8 @@ class SaLSA(Optimizer):
 
         Gradients stay views into the optimizer's flat buffer (so ``set_to_none`` is ignored):
         autograd then accumulates into them in place. (Until the first step after the optimizer
-        was built, gradients are autograd's own and are set to None.) Inside a closure called for a line-search
-        trial this does nothing, so the search keeps the gradient it is using.
+        was built, gradients are autograd's own and are set to None.) Inside a closure called
+        for a line-search trial this does nothing, so the search keeps the gradient it uses.
         """
         if self._in_search:
             return
