@@ -203,7 +203,7 @@ class SaLSA(Optimizer):
         if params is not None and not isinstance(params, (torch.Tensor, set)):  # (torch rejects sets)
             param_group = {**param_group, "params": list(params)}
             if len(set(map(id, param_group["params"]))) != len(param_group["params"]):
-                # torch only warns, and two views of one parameter would be packed twice
+                # torch only warns; packed twice, one of its two views would go stale
                 raise ValueError("a param group lists the same parameter twice")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
