@@ -334,8 +334,15 @@ class LABPAL(Optimizer):
         for b in self._buckets:
             if not b.grads_intact():
                 b.adopt_grads()  # None (unused, or zero_grad(set_to_none)) counts as zero
-            self._acc(b).add_(b.grad)
+            if self._accumulating():
+                self._acc(b).add_(b.grad)
         return out, loss, seed
+
+    def _accumulating(self) -> bool:
+        """Whether the batch's gradient is summed in the ``acc`` buffer: for several inference
+        batches, and during a measurement (its direction must outlive the next zero_grad()).
+        Training with k = 1 reads the gradient buffer itself."""
+        return self._scalars.k > 1 or self._scalars.measuring
 
     # -- training ----------------------------------------------------------------------------------
     def _train(self, closure):
@@ -362,7 +369,7 @@ class LABPAL(Optimizer):
         ``d``); globally ``||D||`` and ``<d, D>`` (device tensors)."""
         dirs, sq, dot = [], [], []
         for b in self._buckets:
-            d = self._acc(b) / count
+            d = self._acc(b) / count if self._accumulating() else b.grad.to(b.state_dtype)
             D = torch.add(d, b.exp_avg, alpha=self.momentum) if self.momentum else d
             dirs.append((d, D))
             sq.append(torch.dot(D, D).double())
