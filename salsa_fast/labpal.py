@@ -312,8 +312,9 @@ class LABPAL(Optimizer):
     def _apply_schedule(self) -> None:
         """Fire every schedule entry whose call has come (``>=``: none is ever skipped)."""
         s = self._scalars
-        while s.schedule_index < len(self.batch_size_schedule) and self.batch_size_schedule[s.schedule_index][0] <= s.calls:
-            _, multiplier = self.batch_size_schedule[s.schedule_index]
+        schedule = self.batch_size_schedule
+        while s.schedule_index < len(schedule) and schedule[s.schedule_index][0] <= s.calls:
+            _, multiplier = schedule[s.schedule_index]
             s.k = max(int(multiplier * self.noise_factor), 1)
             s.schedule_index += 1
             self._start_measurement()
@@ -360,8 +361,9 @@ class LABPAL(Optimizer):
             s.updates += 1
             s.since_measurement += 1
         s.accumulated = 0
-        for b in self._buckets:
-            self._acc(b).zero_()
+        if self._accumulating():
+            for b in self._buckets:
+                self._acc(b).zero_()
         return out
 
     def _direction(self, count: int):
