@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -25,8 +26,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import backends
 from .closure import call_closure, check_closure, draw_seed
 from .flat import FlatBucket
+from .optimizer import SaLSAWarning
 
 __all__ = ["LABPAL", "parabola_step"]
 
@@ -107,6 +110,14 @@ class LABPAL(Optimizer):
         max_step_size: cap on the measured step before adaptation (1.0).
         eps: floor of the step (``epsilon``, 1e-6).
         fit: ``"reference"`` (the reference's effective step) or ``"exact"``.
+        backend: ``"auto"`` (Triton kernels on CUDA, torch ops elsewhere), ``"triton"`` or
+            ``"torch"``, as for SaLSA.
+        cap_sgd_updates: ``mode="sgd"`` only: no update is longer than the step in use, i.e.
+            the rate applied is ``min(learning_rate, step_size / ||D||)``. The reference has no
+            cap (``False`` gives its updates): its learning rate is a step measured at one
+            gradient norm, and once gradients grow past that norm (the first measurement is at
+            initialisation, where they are smallest) its steps become many times longer than
+            any measured one, and it diverges on small MLPs with the default 1.8 adaptation.
 
     Fixed reference defects: moves follow the stored direction (never ``.grad``, which
     ``zero_grad()`` may have set to None); clipping does not mutate the cap; a first
@@ -136,6 +147,8 @@ class LABPAL(Optimizer):
         eps: float = 1e-6,
         *,
         fit: str = "reference",
+        cap_sgd_updates: bool = True,
+        backend: str = "auto",
     ):
         mode = mode.lower()
         _check(mode in ("nsgd", "sgd"), "mode", mode, "must be 'nsgd' or 'sgd'")
@@ -150,6 +163,8 @@ class LABPAL(Optimizer):
         _check(_positive(max_step_size), "max_step_size", max_step_size, "must be > 0")
         _check(_positive(eps), "eps", eps, "must be > 0")
         _check(fit in ("reference", "exact"), "fit", fit, "must be 'reference' or 'exact'")
+        _check(isinstance(cap_sgd_updates, bool), "cap_sgd_updates", cap_sgd_updates, "must be a bool")
+        _check(backend in backends.NAMES, "backend", backend, f"must be one of {backends.NAMES}")
         try:
             schedule = sorted((int(t), float(m)) for t, m in batch_size_schedule)
         except (TypeError, ValueError):
@@ -170,6 +185,8 @@ class LABPAL(Optimizer):
         self.max_step_size = float(max_step_size)
         self.eps = float(eps)
         self.fit = fit
+        self.cap_sgd_updates = cap_sgd_updates
+        self.backend_name = backend
         self._ready = False
         super().__init__(params, dict(lr=1.0))
         self._scalars = _Scalars()
@@ -217,6 +234,16 @@ class LABPAL(Optimizer):
         self._requires_grad = list(map(_requires_grad, self._all_params))
         self._cuda_devices = sorted({b.device.index or 0 for b in buckets if b.device.type == "cuda"})
         self._host_checks = all(b.device.type == "cpu" for b in buckets)
+        self._backend = backends.resolve(self.backend_name, {b.device for b in buckets})
+        if any(b.dtype in (torch.bfloat16, torch.float16) for b in buckets):
+            warnings.warn(
+                "LABPAL with bf16/fp16 parameters: its line measurement's first sample moves the "
+                f"parameters by {H} in all, below those dtypes' resolution, so the fitted parabolas "
+                "are noise and most measurements are rejected. Keep the parameters in fp32 (autocast "
+                "the forward pass instead).",
+                SaLSAWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _acc(b: FlatBucket) -> torch.Tensor:
@@ -352,12 +379,12 @@ class LABPAL(Optimizer):
         s.accumulated += 1
         if s.accumulated < s.k:
             return out
-        direction, norm, _ = self._direction(s.accumulated)
+        norm, _ = self._direction_sums(s.accumulated)
         ok = torch.isfinite(norm) & (norm > 0)
         if self._host_checks and not bool(ok):
             s.skipped += 1
         else:
-            self._update(direction, norm, ok, normalised=self.mode == "nsgd")
+            self._update(s.accumulated, norm, None if self._host_checks else ok)
             s.updates += 1
             s.since_measurement += 1
         s.accumulated = 0
@@ -366,39 +393,40 @@ class LABPAL(Optimizer):
                 self._acc(b).zero_()
         return out
 
-    def _direction(self, count: int):
-        """Per bucket: the mean gradient ``d`` and the direction ``D`` (``momentum*buf + d``, or
-        ``d``); globally ``||D||`` and ``<d, D>`` (device tensors)."""
-        dirs, sq, dot = [], [], []
+    def _source(self, b: FlatBucket) -> torch.Tensor:
+        """The gradient sum the direction is built from: ``acc``, or the gradient itself."""
+        return self._acc(b) if self._accumulating() else b.grad
+
+    def _direction_sums(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``||D||`` and ``<d, D>`` over all buckets (fp64 device tensors, no sync), where ``d``
+        is the mean gradient of ``count`` batches and ``D = d + momentum * buf``."""
+        sq, dot = [], []
         for b in self._buckets:
-            d = self._acc(b) / count if self._accumulating() else b.grad.to(b.state_dtype)
-            D = torch.add(d, b.exp_avg, alpha=self.momentum) if self.momentum else d
-            dirs.append((d, D))
-            sq.append(torch.dot(D, D).double())
-            dot.append(torch.dot(d, D).double())
+            sq_b, dot_b = self._backend.labpal_sums(b, self._source(b), count=count, momentum=self.momentum)
+            sq.append(sq_b)
+            dot.append(dot_b)
         dev = self._buckets[0].device
-        norm = torch.stack([t.to(dev) for t in sq]).sum().sqrt()
-        return dirs, norm, torch.stack([t.to(dev) for t in dot]).sum()
+        return torch.stack([t.to(dev) for t in sq]).sum().sqrt(), torch.stack([t.to(dev) for t in dot]).sum()
 
     @torch.no_grad()
-    def _update(self, dirs, norm, ok, normalised: bool) -> None:
-        """``p -= lr_g * step * D / ||D||`` (normalised) or ``p -= lr_g * lr * D``; the momentum
-        buffer becomes ``D``. A non-finite direction changes nothing (on the device on CUDA)."""
+    def _update(self, count: int, norm: torch.Tensor, ok: torch.Tensor | None) -> None:
+        """A training update: NSGD ``p -= lr_g * step * D / ||D||``; SGD ``p -= lr_g * lr * D``
+        (the rate capped at ``step / ||D||`` with ``cap_sgd_updates``); the rate is computed on
+        the device (no sync). The momentum buffer becomes ``D``. Where ``ok`` is False (CUDA: a
+        non-finite direction) nothing changes."""
         s = self._scalars
-        groups = self.param_groups
-        for b, (_, D) in zip(self._buckets, dirs):
-            lr = float(groups[b.group_index]["lr"])
-            if not self._host_checks:
-                D = torch.where(ok.to(b.device), D, torch.zeros((), dtype=D.dtype, device=b.device))
-            p = b.param if b.param.dtype == b.state_dtype else b.param.to(b.state_dtype)
-            if normalised:
-                p.addcdiv_(D, norm.to(b.device, D.dtype).clamp_min(torch.finfo(D.dtype).tiny), value=-lr * s.step)
-            else:
-                p.add_(D, alpha=-lr * s.lr)
-            if p is not b.param:
-                b.param.copy_(p)
-            if self.momentum:
-                b.exp_avg.copy_(D if self._host_checks else torch.where(ok.to(b.device), D, b.exp_avg))
+        rate = None  # a device scalar that multiplies lr_g, or None for a host rate
+        if self.mode == "nsgd" or self.cap_sgd_updates:
+            rate = s.step / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+            if self.mode == "sgd":
+                rate = rate.clamp(max=s.lr)
+        for b in self._buckets:
+            lr = float(self.param_groups[b.group_index]["lr"])
+            self._backend.labpal_update(
+                b, self._source(b), count=count, momentum=self.momentum,
+                scale=lr if rate is not None else lr * s.lr, coef=None if rate is None else rate.to(b.device),
+                ok=None if ok is None else ok.to(b.device),
+            )  # fmt: skip
 
     # -- measuring ---------------------------------------------------------------------------------
     def _measure(self, closure):
@@ -413,14 +441,15 @@ class LABPAL(Optimizer):
             s.forwards += 1
         self._measurement.append((closure, seed, float(loss)))
         if i + 1 == s.k:
-            dirs, norm, dot = self._direction(s.k)
-            norm_v, slope = float(norm), -float(dot) / float(norm) if float(norm) > 0 else float("nan")
+            norm, dot = self._direction_sums(s.k)
+            norm_v, dot_v = torch.stack([norm, dot]).tolist()  # the search's one sync
+            slope = -dot_v / norm_v if norm_v > 0 else float("nan")
             low, high = NORM_RANGE
             if not (math.isfinite(norm_v) and low <= norm_v <= high and slope < 0):
                 s.abandoned += 1
                 self._abandon()
                 return out
-            self._line = (dirs, norm_v)
+            self._line_norm = norm_v
         if i + 1 == n_total:
             self._finish_measurement()
         return out
@@ -436,12 +465,16 @@ class LABPAL(Optimizer):
     @torch.no_grad()
     def _finish_measurement(self) -> None:
         s = self._scalars
-        dirs, norm = self._line
+        norm = self._line_norm
         l0 = _nanmean([loss for _, _, loss in self._measurement])
-        for b in self._buckets:
-            b.ensure_backup().copy_(b.param)
-        l1 = self._losses_at(H, dirs, norm)
-        l2 = self._losses_at(self.sample_step, dirs, norm)
+        try:
+            l1 = self._losses_at(H, norm, first=True)
+            l2 = self._losses_at(self.sample_step, norm)
+        except BaseException:  # a closure raised: back to theta0, and measure again next call
+            for b in self._buckets:
+                b.param.copy_(b.backup)
+            self._start_measurement()
+            raise
         a, b_slope, step = parabola_step((l0, l1, l2), H, self.sample_step, self.fit)
         s.measurements += 1
         if a > 0 and b_slope < 0:
@@ -456,14 +489,17 @@ class LABPAL(Optimizer):
                     s.step, s.lr = _nanmean(s.history), _nanmean(s.lr_history)
         else:
             s.rejected += 1
-        for b in self._buckets:
-            b.param.copy_(b.backup)
-        if s.step is None:  # nothing accepted yet: back at theta0, measure again
+        if s.step is None:  # nothing accepted yet: back to theta0, measure again
+            for b in self._buckets:
+                b.param.copy_(b.backup)
             self._start_measurement()
             return
-        norm_t = torch.tensor(norm, dtype=torch.float64, device=self._buckets[0].device)
-        # the measurement ends with a step of the averaged length along the unit direction
-        self._update(dirs, norm_t, torch.tensor(True, device=self._buckets[0].device), normalised=True)
+        # the measurement ends with a step of the averaged length from theta0 along the unit
+        # direction, written in one pass (the momentum buffer becomes the direction)
+        for b in self._buckets:
+            lr = float(self.param_groups[b.group_index]["lr"])
+            self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
+                                       scale=s.step / norm * lr, save_backup=False, write_buffer=True)  # fmt: skip
         s.updates += 1
         s.since_measurement = 0
         s.measuring = False
@@ -471,11 +507,14 @@ class LABPAL(Optimizer):
         for b in self._buckets:
             self._acc(b).zero_()
 
-    def _losses_at(self, x: float, dirs, norm: float) -> float:
-        """Mean loss of the stored closures at ``theta0 - x * D / ||D||`` (NaNs skipped)."""
-        for b, (_, D) in zip(self._buckets, dirs):
-            point = b.backup.to(b.state_dtype) if b.dtype != b.state_dtype else b.backup
-            b.param.copy_(torch.add(point, D, alpha=-x / norm))
+    def _losses_at(self, x: float, norm: float, first: bool = False) -> float:
+        """Mean loss of the stored closures at ``theta0 - x * D / ||D||`` (NaNs skipped). The
+        line is the unscaled direction: group ``lr`` multipliers scale updates, not measurements.
+        ``first``: the parameters are still at ``theta0``; save them as the backup on the way."""
+        s = self._scalars
+        for b in self._buckets:
+            self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
+                                       scale=x / norm, save_backup=first, write_buffer=False)  # fmt: skip
         buffers = [t for m in self._preserved for t in m.buffers()]
         saved = [t.clone() for t in buffers]
         losses = []
@@ -483,7 +522,7 @@ class LABPAL(Optimizer):
         try:
             for closure, seed, _ in self._measurement:
                 _, loss = call_closure(closure, seed, self._cuda_devices, backwards=False)
-                self._scalars.forwards += 1
+                s.forwards += 1
                 losses.append(float(loss))
                 for t, v in zip(buffers, saved):
                     t.copy_(v)

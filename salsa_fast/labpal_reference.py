@@ -20,7 +20,7 @@ class LABPALReference(Optimizer):
     def __init__(self, params, mode="nsgd", training_set_size=40000, batch_size=128, update_step_adaptation=1.8,
                  momentum=0.0, reuse_steps=1000, measure_batches=10,
                  batch_size_schedule=((0, 1), (75000, 2), (112500, 4)), warmup_updates=400, window=25,
-                 sample_step=0.01, max_step_size=1.0, eps=1e-6, *, fit="reference"):  # fmt: skip
+                 sample_step=0.01, max_step_size=1.0, eps=1e-6, *, fit="reference", cap_sgd_updates=True):  # fmt: skip
         super().__init__(params, dict(lr=1.0))
         self.mode = mode.lower()
         self.noise_factor = (128 / batch_size) * (training_set_size / 40000)
@@ -35,6 +35,7 @@ class LABPALReference(Optimizer):
         self.max_step_size = max_step_size
         self.eps = eps
         self.fit = fit
+        self.cap = cap_sgd_updates  # SGD updates no longer than the step in use
 
         self.calls = 0
         self.updates = 0
@@ -88,10 +89,11 @@ class LABPALReference(Optimizer):
         return dirs, norm, dot
 
     @torch.no_grad()
-    def _move(self, origins, dirs, scale):
-        """p = origin - scale * lr_group * D (NSGD callers pass step/||D||)."""
+    def _move(self, origins, dirs, scale, use_group_lr=True):
+        """p = origin - scale * lr_group * D (NSGD callers pass step/||D||). Points measured on
+        the line leave the group multiplier out: it scales updates, not measurements."""
         for (p, lr), origin, D in zip(self._params(), origins, dirs):
-            p.copy_((origin.to(D.dtype) - scale * lr * D).to(p.dtype))
+            p.copy_((origin.to(D.dtype) - scale * (lr if use_group_lr else 1.0) * D).to(p.dtype))
 
     def _fit(self, l0, l1, l2):
         x = np.array([0.0, H, self.mu])
@@ -134,7 +136,12 @@ class LABPALReference(Optimizer):
             dirs, norm, _ = self._direction(self.count)
             if math.isfinite(norm) and norm > 0:
                 origins = [p.detach().clone() for p, _ in self._params()]
-                scale = self.step_value / norm if self.mode == "nsgd" else self.lr
+                if self.mode == "nsgd":
+                    scale = self.step_value / norm
+                elif self.cap:
+                    scale = min(self.lr, self.step_value / norm)
+                else:
+                    scale = self.lr
                 self._move(origins, dirs, scale)
                 for (p, _), D in zip(self._params(), dirs):
                     if self.momentum:
@@ -166,7 +173,7 @@ class LABPALReference(Optimizer):
         return out
 
     def _losses_at(self, theta0, x):
-        self._move(theta0, self.dirs, x / self.norm)
+        self._move(theta0, self.dirs, x / self.norm, use_group_lr=False)
         losses = []
         for closure, seed, _ in self.stored:
             losses.append(float(call_closure(closure, seed, [], backwards=False)[1]))

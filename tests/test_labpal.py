@@ -10,7 +10,7 @@ import torch
 from helpers import digits, max_abs_diff, mlp, train
 from torch import nn
 
-from salsa_fast import LABPAL
+from salsa_fast import LABPAL, SaLSAWarning
 from salsa_fast.labpal import H, parabola_step
 from salsa_fast.labpal_reference import LABPALReference
 
@@ -24,6 +24,7 @@ CASES = {
     "sgd": dict(mode="sgd"),
     "nsgd_momentum": dict(mode="nsgd", momentum=0.5),
     "sgd_momentum": dict(mode="sgd", momentum=0.5),
+    "sgd_uncapped": dict(mode="sgd", cap_sgd_updates=False),
     "batch_schedule": dict(mode="nsgd", batch_size_schedule=((0, 1), (150, 40))),  # k becomes 3
     "exact_fit": dict(mode="nsgd", fit="exact"),
 }
@@ -44,22 +45,96 @@ def test_same_decisions_and_parameters_as_the_reference_twin(case):
     assert max_abs_diff(a, b) <= 1e-9
 
 
+@pytest.mark.parametrize("mode", ["nsgd", "sgd"])
+def test_param_group_multipliers_match_the_twin(mode):
+    """Group ``lr`` multipliers scale each group's updates; the measured line is the unscaled
+    direction in both implementations."""
+    def groups(model):
+        params = list(model.parameters())
+        return [{"params": params[:2], "lr": 0.5}, {"params": params[2:]}]
+
+    a, b = mlp(torch.float64), mlp(torch.float64)
+    options = {**BRISK, "mode": mode, "momentum": 0.5}
+    fast, ref = LABPAL(groups(a), **options), LABPALReference(groups(b), **options)
+    ra = train(a, fast, 200, dtype=torch.float64)
+    rb = train(b, ref, 200, dtype=torch.float64)
+    assert ra.calls == rb.calls and fast.stats["measurements"] >= 3
+    assert fast.step_size == pytest.approx(ref.step_value, rel=1e-9)
+    assert max_abs_diff(a, b) <= 1e-9
+
+
+def test_closure_raising_during_the_line_evaluation_restores_theta0():
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), **DIGITS)
+    train(model, opt, 9, dtype=torch.float64)  # nine of the first measurement's ten calls
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    x, y = digits(torch.float64)
+    calls = [0]
+
+    def closure(backwards=False):
+        calls[0] += 1
+        if calls[0] == 3:  # its own batch, then at the first line point, then at the second: raise
+            raise KeyboardInterrupt
+        return nn.functional.cross_entropy(model(x[:64]), y[:64])
+
+    opt.zero_grad()
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta0))
+    assert opt.measuring and opt.stats["measurements"] == 0
+    run = train(model, opt, 10, dtype=torch.float64, start=10, rng_seed=None)  # measures afresh
+    assert run.calls[-1] == 30 and opt.stats["measurements"] == 1 and not opt.measuring
+
+
 def _full_loss(model):
     x, y = digits()
     with torch.no_grad():
         return nn.functional.cross_entropy(model(x), y).item()
 
 
-def test_nsgd_with_default_hyperparameters_trains_digits():
+@pytest.mark.parametrize("mode", ["nsgd", "sgd"])
+def test_default_hyperparameters_train_digits(mode):
     """Batch 64, 1000 step calls: under half the initial full-batch loss at <= 1.3 closure calls
-    per step. (mode="sgd" with the defaults overshoots on this MLP: see the README.)"""
+    per step."""
     model = mlp()
     initial = _full_loss(model)
-    opt = LABPAL(model.parameters(), training_set_size=1797, batch_size=64)
+    opt = LABPAL(model.parameters(), mode=mode, training_set_size=1797, batch_size=64)
     run = train(model, opt, 1000)
     assert _full_loss(model) < initial / 2
     assert run.calls[-1] / 1000 <= 1.3
     assert opt.stats["measurements"] == 2  # the first call, and once after the warm-up
+
+
+def test_uncapped_sgd_updates_diverge_where_the_cap_trains():
+    """Why ``cap_sgd_updates`` is on: the reference's SGD rule turns the step measured at
+    initialisation (where gradients are smallest) into a learning rate that later, larger
+    gradients cannot stand; the twin restating it diverges on this MLP too."""
+    for impl in (LABPAL, LABPALReference):
+        model = mlp(hidden=64)
+        initial = _full_loss(model)
+        train(model, impl(model.parameters(), mode="sgd", cap_sgd_updates=False, **DIGITS), 400)
+        assert _full_loss(model) > 5 * initial
+
+
+def test_capped_sgd_updates_are_no_longer_than_the_step():
+    model = mlp(torch.float64, hidden=64)
+    opt = LABPAL(model.parameters(), mode="sgd", **DIGITS, warmup_updates=20, reuse_steps=30)
+    train(model, opt, 12, dtype=torch.float64)  # the first measurement is over
+    capped = updates = 0
+    for start in range(12, 150):
+        measurements = opt.stats["measurements"]
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        train(model, opt, 1, dtype=torch.float64, start=start, rng_seed=None)
+        if opt.measuring or opt.stats["measurements"] != measurements:
+            continue  # a measurement call, not an SGD update
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        length = float((after - before).norm())
+        grad = float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+        assert length <= opt.step_size * (1 + 1e-9)
+        assert length == pytest.approx(min(opt.learning_rate * grad, opt.step_size), rel=1e-9)
+        capped += opt.learning_rate * grad > opt.step_size
+        updates += 1
+    assert 0 < capped < updates  # both regimes occurred
 
 
 # -- the parabola fit --------------------------------------------------------------------------
@@ -325,3 +400,10 @@ def test_bad_hyperparameters():
         LABPAL([{"params": params, "weight_decay": 0.1}])
     with pytest.raises(TypeError, match="backwards"):
         LABPAL(params).step(lambda: 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_parameters_warn(dtype):
+    """The line's first sample (1.77e-4 in all) is below bf16/fp16 resolution: say so."""
+    with pytest.warns(SaLSAWarning, match="fp32"):
+        LABPAL(mlp(dtype).parameters(), **DIGITS)

@@ -2,7 +2,8 @@
 
 A backend is a module with the functions of :mod:`salsa_fast.backends.torch_ops`
 (``plain_step``, ``grad_probe``, ``search_begin``, ``search_trial``, ``search_momentum_point``,
-``search_commit``, ``search_abort``). The choice never changes results beyond float rounding.
+``search_commit``, ``search_abort`` for SaLSA; ``labpal_sums``, ``labpal_update``,
+``labpal_point`` for LABPAL). The choice never changes results beyond float rounding.
 
 * ``"torch"``: whole-buffer torch ops; runs everywhere.
 * ``"triton"``: :mod:`salsa_fast.kernels`, on CUDA tensors (or CPU tensors under

@@ -224,3 +224,54 @@ def search_abort(b: FlatBucket) -> None:
         b.param.copy_(b.backup)
     b.scratch.clear()
     b.search_active = False
+
+
+# -- LABPAL's passes ---------------------------------------------------------------------------
+# LABPAL's direction is ``D = src / count + momentum * buf`` (``src``: the bucket's gradient, or
+# the sum of ``count`` batches' gradients; ``buf``: ``exp_avg``, the momentum buffer). It is
+# never stored: every pass rebuilds it from ``src`` and ``buf``.
+
+
+def _labpal_direction(b: FlatBucket, src: torch.Tensor, count: int, momentum: float):
+    d = src / count if count != 1 else src.to(b.state_dtype)
+    return d, (torch.add(d, b.exp_avg, alpha=momentum) if momentum else d)
+
+
+def labpal_sums(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||D||^2, <d, D>)`` over the bucket as 0-dim fp64 device tensors (no sync)."""
+    d, D = _labpal_direction(b, src, count, momentum)
+    sq = torch.dot(D, D).double()
+    return sq, (torch.dot(d, D).double() if momentum else sq)
+
+
+def labpal_update(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float, scale: float,
+                  coef: torch.Tensor | None, ok: torch.Tensor | None) -> None:  # fmt: skip
+    """``p -= scale * coef * D`` (``coef``: a 0-dim device tensor, or 1); with momentum the
+    buffer becomes ``D``. Where ``ok`` (a 0-dim device bool) is False nothing changes."""
+    _, D = _labpal_direction(b, src, count, momentum)
+    if ok is not None:
+        D = torch.where(ok, D, torch.zeros((), dtype=D.dtype, device=b.device))
+    p = _in_state_dtype(b, b.param, "labpal_p")
+    if coef is None:
+        p.add_(D, alpha=-scale)
+    else:
+        p.addcmul_(D, (coef * -scale).to(D.dtype))
+    if p is not b.param:
+        b.param.copy_(p)
+    if momentum:
+        b.exp_avg.copy_(D if ok is None else torch.where(ok, D, b.exp_avg))
+
+
+def labpal_point(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float, scale: float,
+                 save_backup: bool, write_buffer: bool) -> None:  # fmt: skip
+    """``p = backup - scale * D``, a point on the measured line (``save_backup``: first
+    ``backup = p``); ``write_buffer``: the momentum buffer becomes ``D`` (the measurement's
+    closing update)."""
+    backup = b.ensure_backup()
+    if save_backup:
+        backup.copy_(b.param)
+    _, D = _labpal_direction(b, src, count, momentum)
+    origin = backup if backup.dtype == b.state_dtype else backup.to(b.state_dtype)
+    b.param.copy_(torch.add(origin, D, alpha=-scale))
+    if write_buffer and momentum:
+        b.exp_avg.copy_(D)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..flat import FlatBucket
-from ..kernels import adam_step, reduce, search
+from ..kernels import adam_step, labpal, reduce, search
 from .torch_ops import Hyper
 
 name = "triton"
@@ -48,3 +48,9 @@ def search_abort(b: FlatBucket) -> None:
     if b.search_active:
         b.param.copy_(b.backup)
     b.search_active = False
+
+
+# LABPAL's passes (see salsa_fast.backends.torch_ops for their contracts)
+labpal_sums = labpal.sums
+labpal_update = labpal.update
+labpal_point = labpal.point

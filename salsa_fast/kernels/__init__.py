@@ -6,8 +6,9 @@ Invariants every kernel here keeps (and the tests check):
 * **int64 offsets**: ``program_id`` is widened before it is multiplied, so buffers past 2**31
   elements index correctly.
 * **fp32 math** for fp32/bf16/fp16 parameters (fp64 for fp64 ones): values are widened on load
-  and rounded once on store. Divisions and square roots are IEEE-rounded (``div_rn``,
-  ``sqrt_rn``) so results track the torch backend to the last bits. Host scalars arrive as
+  and rounded once on store, to nearest-even (bf16 by hand: the interpreter truncates).
+  Divisions and square roots are IEEE-rounded (``div_rn``, ``sqrt_rn``) so results track the
+  torch backend to the last bits. Host scalars arrive as
   (fp32 high, fp32 low) pairs, exact enough for fp64 buckets too.
 * **No float atomics**: reductions write one partial sum per program; a deterministic second
   stage (a torch sum over the partials) finishes them, so results repeat bit for bit.

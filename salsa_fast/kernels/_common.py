@@ -45,6 +45,20 @@ def sqrt(a, ST: tl.constexpr):
 
 
 @triton.jit
+def rounded(x, DT: tl.constexpr):
+    """``x`` rounded to the parameter dtype ``DT`` to nearest-even, as torch rounds. bf16 is
+    rounded by hand: Triton's interpreter truncates fp32 -> bf16 (the GPU rounds), and one
+    rounding rule everywhere keeps interpreter, GPU and torch backend in step."""
+    if DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits_rne = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits_rne = tl.where(x != x, (bits >> 16) | 0x40, bits_rne)  # a NaN stays a (quiet) NaN
+        return bits_rne.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
 def offsets(n, BLOCK: tl.constexpr):
     """This program's int64 element offsets and their in-bounds mask."""
     pid = tl.program_id(0).to(tl.int64)

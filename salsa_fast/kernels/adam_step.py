@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, NUM_WARPS, div, grid, offsets, scalar, split, sqrt
+from ._common import BLOCK, NUM_WARPS, div, grid, offsets, rounded, scalar, split, sqrt
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _plain_step_kernel(
         tl.store(v_ptr + offs, v, mask=mask)
     p = p - scalar(lr_hi, lr_lo, ST) * d
     tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, rounded(p, p_ptr.dtype.element_ty), mask=mask)
 
 
 def plain_step(b, *, lr_step: float, decay: float, h, found_inf=None) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, NUM_WARPS, div, grid, offsets, scalar, split, sqrt
+from ._common import BLOCK, NUM_WARPS, div, grid, offsets, rounded, scalar, split, sqrt
 from .reduce import finish, partials_buffer
 
 FIRST, TRIAL, MOMENTUM = 0, 1, 2  # the point kinds of _search_point_kernel
@@ -61,7 +61,7 @@ def _search_point_kernel(
         d = div(d, denom, ST)
 
     p = p0 - scalar(lr_hi, lr_lo, ST) * d
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, rounded(p, p_ptr.dtype.element_ty), mask=mask)
     if KIND == 0:
         tl.store(partial_ptr + pid, tl.sum(g * d, axis=0))
 
