@@ -393,7 +393,8 @@ def test_resume(cut):
 def test_bad_hyperparameters():
     params = list(mlp().parameters())
     for kwargs in (dict(mode="adam"), dict(momentum=1.0), dict(reuse_steps=0), dict(sample_step=1e-5),
-                   dict(fit="quadratic"), dict(batch_size_schedule=((0, -1),)), dict(batch_size=0)):  # fmt: skip
+                   dict(fit="quadratic"), dict(batch_size_schedule=((0, -1),)), dict(batch_size=0),
+                   dict(cap_sgd_updates=1), dict(backend="cuda")):  # fmt: skip
         with pytest.raises(ValueError):
             LABPAL(params, **kwargs)
     with pytest.raises(ValueError, match="weight decay"):

@@ -182,8 +182,11 @@ def test_triton_backend_matches_torch_backend(dtype, options, monkeypatch):
     assert launches["sums"] >= buckets * (training_updates + s["measurements"] + s["abandoned"])
     assert launches["point"] == buckets * (2 * s["measurements"] + closing_updates)
 
-def test_auto_backend_is_torch_on_cpu():
+def test_backend_choice_on_cpu(monkeypatch):
     model = mlp()
     assert LABPAL(model.parameters(), backend="auto")._backend is torch_ops
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
+        LABPAL(model.parameters(), backend="triton")
     with pytest.raises(ValueError, match="backend"):
         LABPAL(model.parameters(), backend="cuda")
