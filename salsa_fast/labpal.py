@@ -467,11 +467,12 @@ class LABPAL(Optimizer):
         s = self._scalars
         norm = self._line_norm
         l0 = _nanmean([loss for _, _, loss in self._measurement])
+        self._saved_buckets = 0  # buckets whose backup holds theta0 (the first point saves it)
         try:
             l1 = self._losses_at(H, norm, first=True)
             l2 = self._losses_at(self.sample_step, norm)
-        except BaseException:  # a closure raised: back to theta0, and measure again next call
-            for b in self._buckets:
+        except BaseException:  # a closure (or a pass) raised: back to theta0, measure again next call
+            for b in self._buckets[: self._saved_buckets]:
                 b.param.copy_(b.backup)
             self._start_measurement()
             raise
@@ -515,6 +516,7 @@ class LABPAL(Optimizer):
         for b in self._buckets:
             self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
                                        scale=x / norm, save_backup=first, write_buffer=False)  # fmt: skip
+            self._saved_buckets += first
         buffers = [t for m in self._preserved for t in m.buffers()]
         saved = [t.clone() for t in buffers]
         losses = []

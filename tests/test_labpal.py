@@ -3,6 +3,7 @@ fixed reference defects, resume."""
 
 import io
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -84,6 +85,31 @@ def test_closure_raising_during_the_line_evaluation_restores_theta0():
     assert opt.measuring and opt.stats["measurements"] == 0
     run = train(model, opt, 10, dtype=torch.float64, start=10, rng_seed=None)  # measures afresh
     assert run.calls[-1] == 30 and opt.stats["measurements"] == 1 and not opt.measuring
+
+
+def test_pass_failing_on_a_later_bucket_restores_theta0(monkeypatch):
+    """Out of memory in the second flat buffer's first line point: the first buffer, already
+    moved, goes back to theta0; the second, never moved, keeps its values."""
+    from salsa_fast.backends import torch_ops
+
+    model = mlp(torch.float64)
+    params = list(model.parameters())
+    opt = LABPAL([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], **DIGITS)
+    train(model, opt, 9, dtype=torch.float64)
+    theta0 = [p.detach().clone() for p in params]
+    points = [0]
+
+    def failing_point(b, src, **kwargs):
+        points[0] += 1
+        if points[0] == 2:
+            raise torch.OutOfMemoryError("injected")
+        torch_ops.labpal_point(b, src, **kwargs)
+
+    monkeypatch.setattr(opt, "_backend", SimpleNamespace(**{**vars(torch_ops), "labpal_point": failing_point}))
+    with pytest.raises(torch.OutOfMemoryError):
+        train(model, opt, 1, dtype=torch.float64, start=9, rng_seed=None)
+    assert all(torch.equal(p, q) for p, q in zip(params, theta0))
+    assert opt.measuring and opt.stats["measurements"] == 0
 
 
 def _full_loss(model):
