@@ -76,16 +76,24 @@ def test_update(dtype, count, momentum, device_rate):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_update_skips_on_the_device_flag(dtype):
-    a, b = _pair(dtype, 1)
+@pytest.mark.parametrize("ops", [triton_ops, torch_ops], ids=lambda m: m.name)
+def test_update_skips_on_the_device_flag(dtype, ops):
+    """A non-finite direction (and so a NaN rate: step / ||D||) changes nothing."""
+    a, _ = _pair(dtype, 1)
     a.grad[5] = float("nan")
     before_p, before_m = a.param.clone(), a.exp_avg.clone()
     ok = torch.tensor(False, device=DEVICE)
-    triton_ops.labpal_update(a, a.grad, count=1, momentum=0.5, scale=1.0, coef=None, ok=ok)
-    assert torch.equal(a.param, before_p) and torch.equal(a.exp_avg, before_m)
+    nan_rate = torch.tensor(float("nan"), dtype=torch.float64, device=DEVICE)
+    for coef in (None, nan_rate):
+        ops.labpal_update(a, a.grad, count=1, momentum=0.5, scale=1.0, coef=coef, ok=ok)
+        assert torch.equal(a.param, before_p) and torch.equal(a.exp_avg, before_m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_update_with_a_true_flag_matches(dtype):
+    a, b = _pair(dtype, 1)
     ok = torch.tensor(True, device=DEVICE)
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
-        bucket.grad[5] = 0.0
         ops.labpal_update(bucket, bucket.grad, count=1, momentum=0.5, scale=1.0, coef=None, ok=ok)
     _close(a, b, dtype)
 

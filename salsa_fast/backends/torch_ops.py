@@ -249,8 +249,9 @@ def labpal_update(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: flo
     """``p -= scale * coef * D`` (``coef``: a 0-dim device tensor, or 1); with momentum the
     buffer becomes ``D``. Where ``ok`` (a 0-dim device bool) is False nothing changes."""
     _, D = _labpal_direction(b, src, count, momentum)
-    if ok is not None:
+    if ok is not None:  # zero both factors: a non-finite rate times a zeroed D is still NaN
         D = torch.where(ok, D, torch.zeros((), dtype=D.dtype, device=b.device))
+        coef = None if coef is None else torch.where(ok, coef, torch.zeros((), dtype=coef.dtype, device=coef.device))
     p = _in_state_dtype(b, b.param, "labpal_p")
     if coef is None:
         p.add_(D, alpha=-scale)
