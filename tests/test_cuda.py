@@ -1,4 +1,4 @@
-"""CUDA-only behaviour of the torch backend (skipped without a GPU): host syncs, device-side
+"""CUDA-only behaviour (skipped without a GPU), SaLSA and LABPAL: host syncs, device-side
 skipping of non-finite gradients, GPU checkpoints loading on CPU, CPU/GPU agreement."""
 
 import io
@@ -10,7 +10,7 @@ from conftest import cuda
 from helpers import batches, digits, max_abs_diff, mlp, next_step_searches, train
 from torch import nn
 
-from salsa_fast import SaLSA
+from salsa_fast import LABPAL, SaLSA
 
 pytestmark = cuda
 
@@ -157,3 +157,82 @@ def test_triton_kernels_index_past_2_to_the_31():
     tail = p.detach()[-4099:].float()
     assert torch.all(tail < 0) and torch.allclose(tail, tail[0].expand_as(tail))
     assert float(b.exp_avg[-1]) == pytest.approx(0.1)
+
+
+# -- LABPAL on CUDA -----------------------------------------------------------------------------
+
+LABPAL_OPTIONS = dict(training_set_size=1797, batch_size=64, reuse_steps=30, warmup_updates=10, max_step_size=0.2)
+
+
+def _labpal_after_first_measurement(backend, **options):
+    model = mlp().cuda()
+    opt = LABPAL(model.parameters(), backend=backend, **{**LABPAL_OPTIONS, **options})
+    step = 0
+    while opt.measuring or opt.step_size is None:
+        opt.zero_grad()
+        opt.step(_cuda_closure(model, step))
+        step += 1
+    opt.zero_grad()
+    opt.step(_cuda_closure(model, step))  # one training update: every kernel is compiled
+    assert not opt.measuring
+    return model, opt, step + 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["nsgd", "sgd"])
+def test_labpal_training_call_does_not_sync(backend, mode):
+    model, opt, step = _labpal_after_first_measurement(backend, mode=mode, momentum=0.5)
+    closure = _cuda_closure(model, step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.zero_grad()
+        opt.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not opt.measuring
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_labpal_non_finite_gradient_is_skipped_on_the_device(backend):
+    model, opt, step = _labpal_after_first_measurement(backend, momentum=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    inner = _cuda_closure(model, step)
+
+    def poisoned(backwards=False):
+        loss = inner(backwards)
+        if backwards:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        return loss
+
+    opt.zero_grad()
+    opt.step(poisoned)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(model.parameters(), momentum))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["nsgd", "sgd"])
+def test_labpal_cuda_matches_cpu_in_float64(backend, mode):
+    options = {**LABPAL_OPTIONS, "mode": mode, "momentum": 0.5}
+    a, b = mlp(torch.float64), mlp(torch.float64).cuda()
+    ra = train(a, LABPAL(a.parameters(), **options), 100, dtype=torch.float64)
+    opt_b = LABPAL(b.parameters(), backend=backend, **options)
+    x, y = digits(torch.float64)
+    calls, count = [], [0]
+    torch.manual_seed(0)  # as train() does: the same seeds for the closures
+    for idx in batches(len(x), 100):
+
+        def closure(backwards=False, xb=x[idx].cuda(), yb=y[idx].cuda()):  # LABPAL re-evaluates it
+            count[0] += 1
+            loss = nn.functional.cross_entropy(b(xb), yb)
+            if backwards:
+                loss.backward()
+            return loss
+
+        opt_b.zero_grad()
+        opt_b.step(closure)
+        calls.append(count[0])
+    assert calls == ra.calls
+    assert max_abs_diff(a, b.cpu()) <= 1e-9
