@@ -193,6 +193,7 @@ class LABPAL(Optimizer):
         self._preserved: list[nn.Module] = []
         self._measurement: list[tuple[Any, int, float]] = []  # (closure, seed, loss at theta0)
         self._in_measurement_eval = False
+        self._device_skips: torch.Tensor | None = None  # CUDA: updates skipped on the device
         self._repack()
         self._ready = True
 
@@ -298,8 +299,19 @@ class LABPAL(Optimizer):
     def measuring(self) -> bool:
         return self._scalars.measuring
 
+    def _fold_device_skips(self) -> None:
+        """Add the updates skipped on the device (CUDA) to the host count: one sync, so only
+        when diagnostics or a checkpoint ask for it."""
+        if self._device_skips is not None:
+            self._scalars.skipped += int(self._device_skips)
+            self._device_skips = None
+
     @property
     def stats(self) -> dict[str, float]:
+        """Counters. On CUDA a non-finite direction is skipped on the device, so that update
+        still counts in ``updates`` (and towards ``reuse_steps``); ``skipped_updates`` counts it
+        too (reading it syncs once). On CPU a skipped update is not counted in ``updates``."""
+        self._fold_device_skips()
         s = self._scalars
         return {
             "step_size": s.step if s.step is not None else float("nan"),
@@ -385,8 +397,11 @@ class LABPAL(Optimizer):
             s.skipped += 1
         else:
             self._update(s.accumulated, norm, None if self._host_checks else ok)
-            s.updates += 1
+            s.updates += 1  # on CUDA also when skipped on the device: see stats
             s.since_measurement += 1
+            if not self._host_checks:
+                skip = (~ok).to(torch.int64)
+                self._device_skips = skip if self._device_skips is None else self._device_skips + skip
         s.accumulated = 0
         if self._accumulating():
             for b in self._buckets:
@@ -536,6 +551,7 @@ class LABPAL(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Torch's layout (per-index ``momentum_buffer`` and ``accumulated_grad``) plus a
         ``"labpal"`` entry with the counters, the step in use and its history."""
+        self._fold_device_skips()
         sd = super().state_dict()
         sd["labpal"] = asdict(self._scalars)
         return sd
@@ -569,6 +585,7 @@ class LABPAL(Optimizer):
         for g, sg in zip(self.param_groups, saved_groups):
             g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
         self._scalars = _Scalars(**{n: scalars[n] for n in names})
+        self._device_skips = None
         self._scalars.history = list(self._scalars.history)
         self._scalars.lr_history = list(self._scalars.lr_history)
         if self._scalars.measuring:

@@ -210,6 +210,8 @@ def test_labpal_non_finite_gradient_is_skipped_on_the_device(backend):
     opt.step(poisoned)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(model.parameters(), momentum))
+    assert opt.stats["skipped_updates"] == 1
+    assert opt.state_dict()["labpal"]["skipped"] == 1
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

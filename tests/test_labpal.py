@@ -350,6 +350,31 @@ def test_step_returns_the_loss_and_reports_the_step():
     assert opt.param_groups[0]["step_size"] == opt.step_size > 0
 
 
+def test_non_finite_gradient_skips_the_update():
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), **DIGITS, momentum=0.5)
+    train(model, opt, 12, dtype=torch.float64)  # measured, then two updates
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    updates = opt.stats["updates"]
+    x, y = digits(torch.float64)
+
+    def poisoned(backwards=False):
+        loss = nn.functional.cross_entropy(model(x[:64]), y[:64])
+        if backwards:
+            loss.backward()
+            next(model.parameters()).grad[0, 0] = float("inf")
+        return loss
+
+    opt.zero_grad()
+    opt.step(poisoned)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(model.parameters(), momentum))
+    assert opt.stats["skipped_updates"] == 1 and opt.stats["updates"] == updates
+    train(model, opt, 5, dtype=torch.float64, start=12, rng_seed=None)
+    assert opt.stats["updates"] == updates + 5  # training goes on
+
+
 def test_nan_losses_are_skipped_in_a_measurement():
     model = mlp(torch.float64)
     opt = LABPAL(model.parameters(), **DIGITS)
