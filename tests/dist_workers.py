@@ -10,7 +10,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from helpers import batches, digits, mlp
+from helpers import batches, digits, make_closure, mlp
 from torch import nn
 
 from salsa_fast import SaLSA
@@ -41,23 +41,12 @@ def _disable_agreement() -> None:
 
 def train_shards(model, opt, rank: int, world: int, start: int, steps: int, calls: list[int]) -> None:
     """Train on this rank's contiguous share of each full batch (equal shares)."""
-    x, y = digits()
-    plan = batches(len(x), STEPS, BATCH, seed=1)[start : start + steps]
+    plan = batches(len(digits()[0]), STEPS, BATCH, seed=1)[start : start + steps]
     share = BATCH // world
     count = [calls[-1] if calls else 0]
     for idx in plan:
-        mine = idx[rank * share : (rank + 1) * share]
-        xb, yb = x[mine], y[mine]
-
-        def closure(backwards=False):
-            count[0] += 1
-            loss = nn.functional.cross_entropy(model(xb), yb)
-            if backwards:
-                loss.backward()
-            return loss
-
         opt.zero_grad()
-        opt.step(closure)
+        opt.step(make_closure(model, "digits", idx[rank * share : (rank + 1) * share], torch.float32, count))
         calls.append(count[0])
 
 

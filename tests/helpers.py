@@ -106,7 +106,8 @@ def batches(n_items, steps, batch=64, seed=1):
     return [torch.randint(0, n_items, (batch,), generator=g) for _ in range(steps)]
 
 
-def make_closure(model, kind, idx, dtype, counter):
+def make_closure(model, kind, idx, dtype, counter, device="cpu"):
+    """The closure of one batch (rows ``idx``), its data on ``device``; counts its calls."""
     loss_fn = nn.CrossEntropyLoss()
     if kind == "lm":
         tokens = pixel_tokens()[idx]
@@ -123,7 +124,7 @@ def make_closure(model, kind, idx, dtype, counter):
 
         return closure
     x, y = digits(dtype)
-    xb, yb = x[idx], y[idx]
+    xb, yb = x[idx].to(device), y[idx].to(device)
 
     def closure(backwards=False):
         counter[0] += 1

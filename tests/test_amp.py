@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import digits, max_abs_diff, mlp, next_step_searches
+from helpers import digits, make_closure, max_abs_diff, mlp, next_step_searches
 from torch import nn
 
 from salsa_fast import SaLSA
@@ -106,14 +106,7 @@ def test_grads_are_unscaled_before_the_optimizer_uses_them():
 def test_closure_that_does_not_scale_is_told_so():
     model = mlp()
     opt = SaLSA(model.parameters(), grad_scaler=torch.amp.GradScaler("cpu"))
-    x, y = _batches(0)
-
-    def closure(backwards=False):
-        loss = nn.functional.cross_entropy(model(x), y)
-        if backwards:
-            loss.backward()
-        return loss
-
+    closure = make_closure(model, "digits", torch.arange(64), torch.float32, [0])  # unscaled backward
     with pytest.raises(RuntimeError, match=r"scaler.scale\(loss\).backward\(\)"):
         opt.step(closure)
 
@@ -121,15 +114,7 @@ def test_closure_that_does_not_scale_is_told_so():
 def test_disabled_scaler_is_ignored():
     model = mlp()
     opt = SaLSA(model.parameters(), grad_scaler=torch.amp.GradScaler("cpu", enabled=False))
-    x, y = _batches(0)
-
-    def closure(backwards=False):
-        loss = nn.functional.cross_entropy(model(x), y)
-        if backwards:
-            loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(make_closure(model, "digits", torch.arange(64), torch.float32, [0]))
     assert opt.stats["steps"] == 1
 
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from conftest import cuda
-from helpers import batches, digits, max_abs_diff, mlp, next_step_searches, train
+from helpers import batches, digits, make_closure, max_abs_diff, mlp, next_step_searches, train
 from torch import nn
 
 from salsa_fast import LABPAL, SaLSA
@@ -16,16 +16,43 @@ pytestmark = cuda
 
 
 def _cuda_closure(model, step, dtype=torch.float32):
-    x, y = digits(dtype)
-    xb, yb = x[step * 32 : step * 32 + 32].cuda(), y[step * 32 : step * 32 + 32].cuda()
+    return make_closure(model, "digits", torch.arange(step * 32, step * 32 + 32), dtype, [0], device="cuda")
+
+
+def _poisoned(model, step):
+    """Batch ``step``'s closure, with a NaN written into the first gradient after backward."""
+    inner = _cuda_closure(model, step)
 
     def closure(backwards=False):
-        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss = inner(backwards)
         if backwards:
-            loss.backward()
+            next(model.parameters()).grad[0, 0] = float("nan")
         return loss
 
     return closure
+
+
+def _step_without_syncs(opt, closure):
+    """One ``opt.step(closure)``; any host sync raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.zero_grad()
+        opt.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _train_on_cuda(model, opt, steps, dtype):
+    """``helpers.train`` with the batches on the GPU: closure calls after every step."""
+    x, _ = digits(dtype)
+    torch.manual_seed(0)  # as train() does: the same closure seeds
+    calls, count = [], [0]
+    for idx in batches(len(x), steps):
+        opt.zero_grad()
+        opt.step(make_closure(model, "digits", idx, dtype, count, device="cuda"))
+        calls.append(count[0])
+    return calls
 
 
 def _up_to_a_non_search_step(backend="torch"):
@@ -43,14 +70,7 @@ def _up_to_a_non_search_step(backend="torch"):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_non_search_step_does_not_sync(backend):
     model, opt, step = _up_to_a_non_search_step(backend)
-    closure = _cuda_closure(model, step)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.zero_grad()
-        opt.step(closure)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _step_without_syncs(opt, _cuda_closure(model, step))
     assert not opt.last_step.searched
 
 
@@ -79,16 +99,8 @@ def test_search_step_syncs_once_plus_once_per_trial(backend):
 def test_non_finite_gradient_is_skipped_on_the_device(backend):
     model, opt, step = _up_to_a_non_search_step(backend)
     before = [p.detach().clone() for p in model.parameters()]
-    inner = _cuda_closure(model, step)
-
-    def poisoned(backwards=False):
-        loss = inner(backwards)
-        if backwards:
-            next(model.parameters()).grad[0, 0] = float("nan")
-        return loss
-
     opt.zero_grad()
-    opt.step(poisoned)
+    opt.step(_poisoned(model, step))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert opt.state_dict()["salsa"]["skipped"] == 1
 
@@ -119,23 +131,7 @@ def test_gpu_checkpoint_loads_on_cpu():
 def test_cuda_matches_cpu_in_float64(options, backend):
     a, b = mlp(torch.float64), mlp(torch.float64).cuda()
     ra = train(a, SaLSA(a.parameters(), **options), 60, dtype=torch.float64)
-    opt_b = SaLSA(b.parameters(), backend=backend, **options)
-    x, y = digits(torch.float64)
-    calls = []
-    count = [0]
-    for idx in batches(len(x), 60):
-        xb, yb = x[idx].cuda(), y[idx].cuda()
-
-        def closure(backwards=False):
-            count[0] += 1
-            loss = nn.functional.cross_entropy(b(xb), yb)
-            if backwards:
-                loss.backward()
-            return loss
-
-        opt_b.zero_grad()
-        opt_b.step(closure)
-        calls.append(count[0])
+    calls = _train_on_cuda(b, SaLSA(b.parameters(), backend=backend, **options), 60, torch.float64)
     assert calls == ra.calls
     assert max_abs_diff(a, b.cpu()) <= 1e-9
 
@@ -182,14 +178,7 @@ def _labpal_after_first_measurement(backend, **options):
 @pytest.mark.parametrize("mode", ["nsgd", "sgd"])
 def test_labpal_training_call_does_not_sync(backend, mode):
     model, opt, step = _labpal_after_first_measurement(backend, mode=mode, momentum=0.5)
-    closure = _cuda_closure(model, step)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.zero_grad()
-        opt.step(closure)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _step_without_syncs(opt, _cuda_closure(model, step))
     assert not opt.measuring
 
 
@@ -198,16 +187,8 @@ def test_labpal_non_finite_gradient_is_skipped_on_the_device(backend):
     model, opt, step = _labpal_after_first_measurement(backend, momentum=0.5)
     before = [p.detach().clone() for p in model.parameters()]
     momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
-    inner = _cuda_closure(model, step)
-
-    def poisoned(backwards=False):
-        loss = inner(backwards)
-        if backwards:
-            next(model.parameters()).grad[0, 0] = float("nan")
-        return loss
-
     opt.zero_grad()
-    opt.step(poisoned)
+    opt.step(_poisoned(model, step))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(model.parameters(), momentum))
     assert opt.stats["skipped_updates"] == 1
@@ -220,21 +201,6 @@ def test_labpal_cuda_matches_cpu_in_float64(backend, mode):
     options = {**LABPAL_OPTIONS, "mode": mode, "momentum": 0.5}
     a, b = mlp(torch.float64), mlp(torch.float64).cuda()
     ra = train(a, LABPAL(a.parameters(), **options), 100, dtype=torch.float64)
-    opt_b = LABPAL(b.parameters(), backend=backend, **options)
-    x, y = digits(torch.float64)
-    calls, count = [], [0]
-    torch.manual_seed(0)  # as train() does: the same seeds for the closures
-    for idx in batches(len(x), 100):
-
-        def closure(backwards=False, xb=x[idx].cuda(), yb=y[idx].cuda()):  # LABPAL re-evaluates it
-            count[0] += 1
-            loss = nn.functional.cross_entropy(b(xb), yb)
-            if backwards:
-                loss.backward()
-            return loss
-
-        opt_b.zero_grad()
-        opt_b.step(closure)
-        calls.append(count[0])
+    calls = _train_on_cuda(b, LABPAL(b.parameters(), backend=backend, **options), 100, torch.float64)
     assert calls == ra.calls
     assert max_abs_diff(a, b.cpu()) <= 1e-9
