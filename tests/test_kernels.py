@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from conftest import DEVICE, DTYPES, SHAPES, STATE_TOL, STATE_TOL_32, TOL
 from helpers import digits, max_abs_diff, mlp, train
 from torch import nn
 
@@ -18,19 +19,6 @@ from salsa_fast.flat import FlatBucket
 
 triton_ops = pytest.importorskip("salsa_fast.backends.triton_ops", reason="Triton is not installed")
 from salsa_fast.kernels import adam_step, reduce, search  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# Per-dtype tolerance on parameters: a few units in the last place of the parameter dtype.
-TOL = {
-    torch.float64: dict(rtol=1e-13, atol=1e-15),
-    torch.float32: dict(rtol=4e-6, atol=1e-7),
-    torch.bfloat16: dict(rtol=2**-7, atol=1e-5),
-    torch.float16: dict(rtol=2**-9, atol=1e-5),
-}
-STATE_TOL = {torch.float64: dict(rtol=1e-13, atol=1e-15)}
-STATE_TOL_32 = dict(rtol=2e-6, atol=1e-7)  # m near 0 after cancellation: absolute ulps
-SHAPES = [(37, 29), (1,), (), (1500,), (3, 5, 7)]  # 2666 elements: three blocks, masked tail
 
 
 def _bucket(dtype, direction="adam", seed=0):
