@@ -70,7 +70,7 @@ class Task:
 
 
 def _digits_split(device):
-    x, y = workloads._digits()
+    x, y = workloads.digits()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     cut = int(0.8 * len(x))
     train, test = order[:cut], order[cut:]

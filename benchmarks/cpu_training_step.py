@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import io
 import json
+import os
 import platform
 import statistics
 import sys
@@ -31,6 +32,9 @@ import time
 
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+import workloads
 
 from salsa_fast import SaLSA
 
@@ -41,13 +45,8 @@ except ImportError:  # the published package is a test/bench extra
 
 
 def digits_batches(steps: int, batch: int, seed: int):
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y)
-    g = torch.Generator().manual_seed(seed)
-    return [(x[i], y[i]) for i in (torch.randint(0, len(x), (batch,), generator=g) for _ in range(steps))]
+    x, y = workloads.digits()
+    return [(x[i], y[i]) for i in workloads.sample(len(x), steps, batch, seed)]
 
 
 def make_mlp(width: int) -> nn.Module:

@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import environment, write_json
+from workloads import digits, sample
 
 from salsa_fast import LABPAL
 
@@ -34,13 +35,6 @@ MODES = {
     "sgd": {"mode": "sgd"},
     "sgd_uncapped": {"mode": "sgd", "cap_sgd_updates": False},
 }
-
-
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
 
 
 def model(kind: str, width: int, seed: int) -> nn.Module:
@@ -57,10 +51,8 @@ def run(mode: str, kind: str, width: int, seed: int, calls: int, x, y) -> dict:
         initial = loss_fn(net(x), y).item()
     opt = LABPAL(net.parameters(), training_set_size=len(x), batch_size=64, **MODES[mode])
     torch.manual_seed(0)
-    order = torch.Generator().manual_seed(1)
     closure_calls = 0
-    for _ in range(calls):
-        idx = torch.randint(0, len(x), (64,), generator=order)
+    for idx in sample(len(x), calls, 64, seed=1):
 
         def closure(backwards=False, xb=x[idx], yb=y[idx]):  # binds this batch: LABPAL re-evaluates it
             nonlocal closure_calls

@@ -55,23 +55,24 @@ class Workload:
         return calls
 
 
-def _digits():
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits: pixels scaled to [0, 1] as N x 64 fp32, labels."""
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
 
 
-def _sample(n_items: int, steps: int, batch: int, seed: int) -> list[torch.Tensor]:
+def sample(n_items: int, steps: int, batch: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, n_items, (batch,), generator=g) for _ in range(steps)]
 
 
 def digits_mlp(device, steps: int, batch: int = 128, width: int = 256, seed: int = 0) -> Workload:
-    x, y = _digits()
+    x, y = digits()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
-    batches = [(x[i].to(device), y[i].to(device)) for i in _sample(len(x), steps, batch, seed + 1)]
+    batches = [(x[i].to(device), y[i].to(device)) for i in sample(len(x), steps, batch, seed + 1)]
     return Workload(f"digits_mlp_{width}", model.to(device), batches, nn.functional.cross_entropy)
 
 
@@ -90,10 +91,10 @@ class DigitsConvNet(nn.Module):
 
 
 def digits_convnet(device, steps: int, batch: int = 128, channels: int = 16, seed: int = 0) -> Workload:
-    x, y = _digits()
+    x, y = digits()
     torch.manual_seed(seed)
     model = DigitsConvNet(channels)
-    batches = [(x[i].to(device), y[i].to(device)) for i in _sample(len(x), steps, batch, seed + 1)]
+    batches = [(x[i].to(device), y[i].to(device)) for i in sample(len(x), steps, batch, seed + 1)]
     return Workload(f"digits_convnet_{channels}", model.to(device), batches, nn.functional.cross_entropy)
 
 
@@ -145,7 +146,7 @@ def char_transformer(
     ids, vocab = char_corpus()
     torch.manual_seed(seed)
     model = CharGPT(vocab, width, layers, heads, seq, dropout)
-    starts = _sample(len(ids) - seq - 1, steps, batch, seed + 1)
+    starts = sample(len(ids) - seq - 1, steps, batch, seed + 1)
     offsets = torch.arange(seq + 1)
     batches = []
     for s in starts:
