@@ -233,7 +233,7 @@ def search_abort(b: FlatBucket) -> None:
 
 
 def _labpal_direction(b: FlatBucket, src: torch.Tensor, count: int, momentum: float):
-    d = src / count if count != 1 else src.to(b.state_dtype)
+    d = src / count if count != 1 else _in_state_dtype(b, src, "labpal_d")
     return d, (torch.add(d, b.exp_avg, alpha=momentum) if momentum else d)
 
 

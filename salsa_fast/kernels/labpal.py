@@ -20,9 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import BLOCK, NUM_WARPS, div, grid, offsets, rounded, scalar, split
-from .reduce import finish
-
-_SUMS = "labpal_partials"
+from .reduce import finish, partials_buffer
 
 
 @triton.jit
@@ -99,16 +97,15 @@ def _shape(count: int, momentum: float) -> dict:
 def sums(b, src: torch.Tensor, *, count: int, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(||D||^2, <d, D>)`` over the bucket, 0-dim fp64 device tensors."""
     n = b.numel
-    blocks = triton.cdiv(n, BLOCK)
-    partials = b.workspace.get(_SUMS)
-    if partials is None or partials.shape != (2, blocks) or partials.dtype != b.state_dtype:
-        partials = b.workspace[_SUMS] = torch.zeros(2, blocks, dtype=b.state_dtype, device=b.device)
+    sq_partials = partials_buffer(b.workspace, n, b.state_dtype, b.device, "labpal_sq")
+    # without momentum <d, D> is ||D||^2: no second buffer (the kernel gets a pointer it never uses)
+    dot_partials = partials_buffer(b.workspace, n, b.state_dtype, b.device, "labpal_dot") if momentum else sq_partials
     if n:
         _sums_kernel[grid(n)](
-            src, b.exp_avg, partials[0], partials[1], n, *split(count), *split(momentum), **_shape(count, momentum)
+            src, b.exp_avg, sq_partials, dot_partials, n, *split(count), *split(momentum), **_shape(count, momentum)
         )
-    sq = finish(partials[0])
-    return sq, (finish(partials[1]) if momentum else sq)
+    sq = finish(sq_partials)
+    return sq, (finish(dot_partials) if momentum else sq)
 
 
 def update(b, src: torch.Tensor, *, count: int, momentum: float, scale: float,
