@@ -27,6 +27,14 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def _finish() -> None:
+    """Tear down only once every rank is done: a rank that destroys the group while a peer's
+    collective (FSDP2's gathers in ``_save``) is still in flight makes gloo abort the peer
+    ("terminate called without an active exception", SIGABRT)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _disable_agreement() -> None:
     """What the optimizer would do without its collectives: decide on local numbers."""
     import salsa_fast.distributed as d
@@ -66,7 +74,7 @@ def ddp(rank: int, world: int, port: int, out_dir: str, agreement: bool = True, 
     calls: list[int] = []
     train_shards(model, opt, rank, world, 0, STEPS, calls)
     _save(out_dir, rank, model.module, opt, calls)
-    dist.destroy_process_group()
+    _finish()
 
 
 def ddp_checkpoint(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -88,7 +96,7 @@ def ddp_checkpoint(rank: int, world: int, port: int, out_dir: str) -> None:
     opt.load_state_dict(checkpoint["opt"])
     train_shards(model, opt, rank, world, STEPS // 2, STEPS - STEPS // 2, calls)
     _save(out_dir, rank, model.module, opt, calls)
-    dist.destroy_process_group()
+    _finish()
 
 
 def fsdp(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -106,4 +114,4 @@ def fsdp(rank: int, world: int, port: int, out_dir: str) -> None:
     train_shards(model, opt, rank, world, 0, STEPS, calls)
     sharded = [b.sharded for b in opt._buckets]
     _save(out_dir, rank, model, opt, calls, sharded=sharded)
-    dist.destroy_process_group()
+    _finish()

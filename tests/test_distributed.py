@@ -29,15 +29,7 @@ def _free_port() -> int:
 
 
 def _launch(fn, tmp_path, *args):
-    for attempt in range(3):
-        try:
-            mp.spawn(fn, args=(WORLD, _free_port(), str(tmp_path), *args), nprocs=WORLD, join=True)
-            break
-        except mp.ProcessRaisedException as e:
-            # the free port can be taken between finding it and rank 0 listening on it: retry
-            # that (and only that) with another port
-            if "EADDRINUSE" not in str(e) or attempt == 2:
-                raise
+    mp.spawn(fn, args=(WORLD, _free_port(), str(tmp_path), *args), nprocs=WORLD, join=True)
     return [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
