@@ -1,16 +1,22 @@
-"""Flat parameter and gradient buffers.
+"""Flat optimizer buffers beside parameters that own their storage.
 
-A :class:`FlatBucket` owns the parameters of one (param group, device, dtype). Their values live
-in one contiguous buffer and each ``p.data`` becomes a view into it; their gradients live in a
-matching buffer with each ``p.grad`` a view, so autograd accumulates straight into it and
-``zero_grad()`` is one memset. The gradient views are attached at the first step after packing,
-once the gradients autograd produced on its own have been looked at (a sparse one is an error:
-attached to a dense view, autograd would densify it silently). The optimizer state (``exp_avg``, ``exp_avg_sq``, the search
-backup) lives in buffers of the same layout, so every update is a handful of whole-buffer ops
-(torch backend) or one kernel launch per buffer (Triton backend), never a loop over tensors.
+A :class:`FlatBucket` serves the parameters of one (param group, device, dtype). The parameters
+keep their own tensors: the optimizer writes into them in place and never replaces a ``.data``,
+so every saver (``torch.save``, safetensors, accelerate) sees one storage per parameter, as
+with torch's own optimizers. What the optimizer owns is flat: the gradients, the moments
+(``exp_avg``, ``exp_avg_sq``) and the search backup each live in one contiguous buffer per
+bucket, in which parameter ``i`` occupies ``[offsets[i], offsets[i] + numel_i)``.
 
-Each parameter starts at an offset aligned to ``ALIGN_BYTES``; the padding between parameters
-is zero in every buffer and stays zero under every update (a zero gradient gives a zero
+* **Gradients** are views into the flat gradient buffer (``p.grad``), so autograd accumulates
+  straight into it and ``zero_grad()`` is one memset. The views are attached at the first step
+  after packing, once the gradients autograd produced on its own have been looked at (a sparse
+  one is an error: attached to a dense view, autograd would densify it silently).
+* **Parameters** are reached per tensor: the torch backend runs ``torch._foreach_*`` ops over
+  the parameter list against views of the flat buffers; the Triton kernels read a table of
+  each parameter's address and flat offset (:mod:`salsa_fast.kernels.table`).
+
+Each parameter's region starts at an offset aligned to ``ALIGN_BYTES``; the padding between
+regions is zero in every buffer and stays zero under every update (a zero gradient gives a zero
 direction), so it never contributes to a reduction.
 """
 
@@ -31,7 +37,7 @@ def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _dense_strides(t: torch.Tensor) -> bool:
+def dense_strides(t: torch.Tensor) -> bool:
     """True when ``t`` covers exactly ``numel`` consecutive elements (any dim order)."""
     if t.is_contiguous():
         return True
@@ -47,32 +53,34 @@ def _dense_strides(t: torch.Tensor) -> bool:
 def _view_like(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
     """A view of ``flat[offset : offset + like.numel()]`` shaped (and strided) like ``like``.
 
-    Channels-last and other dense permuted layouts keep their strides, so convolutions see the
-    memory format they had before packing; anything else becomes contiguous.
+    Dense permuted layouts (channels-last) keep their strides, so a flat region holds the
+    parameter's elements in the parameter's memory order; anything else is contiguous.
     """
     n = like.numel()
-    if like.is_contiguous() or not _dense_strides(like):
+    if like.is_contiguous() or not dense_strides(like):
         return flat[offset : offset + n].view(like.shape)
     return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + offset)
 
 
 class FlatBucket:
-    """The parameters of one (param group, device, dtype) packed into flat buffers.
+    """One (param group, device, dtype): its parameters and the optimizer's flat buffers.
 
     Attributes:
-        params: the parameters, in group order.
-        param, grad: the flat value and gradient buffers (parameter dtype).
+        params: the parameters, in group order (they keep their own storage).
+        offsets, numel: each parameter's start in the flat index space, and its padded size.
+        grad: the flat gradient buffer (parameter dtype); ``p.grad`` are views into it.
         exp_avg, exp_avg_sq: flat fp32 (fp64 for fp64 parameters) moments; ``exp_avg_sq`` is
             None for the SGD direction.
-        backup: the flat buffer a search returns to (allocated on the first search).
+        backup: the flat buffer (parameter dtype) a search returns to, allocated on first use.
+        scratch, workspace: backend-owned tensors, dropped after each search / kept between
+            steps (work buffers, partial sums, the kernels' parameter table).
     """
 
-    mirrored = False  # see ShardBucket
-    sharded = False
+    sharded = False  # see ShardBucket
 
     def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool):
         self.params = list(params)
-        tensors = self._laid_out(self.params)
+        tensors = self.tensors()
         first = tensors[0]
         self.group_index = group_index
         self.device = first.device
@@ -88,83 +96,89 @@ class FlatBucket:
         self.numel = total
 
         kw = dict(device=self.device)
-        self.param = torch.zeros(total, dtype=self.dtype, **kw)
         self.grad = torch.zeros(total, dtype=self.dtype, **kw)
         self.exp_avg = torch.zeros(total, dtype=self.state_dtype, **kw)
         self.exp_avg_sq = torch.zeros(total, dtype=self.state_dtype, **kw) if keep_second_moment else None
         self.backup: torch.Tensor | None = None
         self.search_active = False  # between a search's first pass and its commit or abort
-        # Backend-owned tensors: per-search scratch (dropped after each search) and small
-        # buffers kept between steps (a step tensor, partial sums).
         self.scratch: dict[str, torch.Tensor] = {}
         self.workspace: dict[str, torch.Tensor] = {}
-
-        self.param_views = [_view_like(self.param, o, t) for t, o in zip(tensors, self.offsets)]
-        self.grad_views = [_view_like(self.grad, o, t) for t, o in zip(tensors, self.offsets)]
-        with torch.no_grad():
-            for t, pv in zip(tensors, self.param_views):
-                pv.copy_(t.detach())
+        self._views: dict[str, list[torch.Tensor]] = {}
+        self.grad_views = self.views_of(self.grad)
         self.grads_attached = False  # see adopt_grads
         self._bind()
 
-    def _laid_out(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The tensors whose elements the buffers hold: the parameters themselves."""
-        return params
-
     def _bind(self) -> None:
-        """Make every ``p.data`` a view into the flat buffer."""
-        with torch.no_grad():
-            for p, pv in zip(self.params, self.param_views):
-                p.data = pv
-        self._ptrs = list(map(_data_ptr, self.params))
+        """Note where the parameters are (to notice replacements) and whether each is one dense
+        run of memory laid out like its flat views (what whole-tensor kernels need)."""
+        tensors = self.tensors()
+        self._ptrs = list(map(_data_ptr, tensors))
+        self._strides = [t.stride() for t in tensors]
+        self.dense = all(map(dense_strides, tensors))
 
-    def pull_params(self) -> None:
-        """(ShardBucket: bring values the sharding framework holds into the buffer.)"""
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold the parameters' values, which the passes read and write."""
+        return self.params
 
-    def push_params(self) -> None:
-        """(ShardBucket: write the buffer back to the sharding framework's tensors.)"""
-
-    # -- views --------------------------------------------------------------------------------
+    # -- views of the flat buffers -------------------------------------------------------------
     def views_of(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter views of a buffer laid out like this bucket (e.g. ``exp_avg``)."""
-        return [_view_like(flat, o, p) for p, o in zip(self.param_views, self.offsets)]
+        return [_view_like(flat, o, t) for t, o in zip(self.tensors(), self.offsets)]
+
+    def views(self, name: str) -> list[torch.Tensor]:
+        """The per-parameter views of the bucket's own buffer ``name`` (cached)."""
+        views = self._views.get(name)
+        if views is None:
+            views = self._views[name] = self.views_of(getattr(self, name))
+        return views
 
     def ensure_backup(self) -> torch.Tensor:
         if self.backup is None:
-            self.backup = torch.zeros_like(self.param)
+            self.backup = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         return self.backup
 
-    # -- detecting what happened behind the optimizer's back ----------------------------------
-    def params_intact(self) -> bool:
-        """True when every parameter's ``.data`` is still the view into ``self.param``."""
-        return list(map(_data_ptr, self.params)) == self._ptrs
+    @torch.no_grad()
+    def copy_params_to(self, flat: torch.Tensor) -> torch.Tensor:
+        """Write the parameters' values into their regions of ``flat`` (any dtype); returns it."""
+        torch._foreach_copy_(self.views_of(flat), self.tensors())
+        return flat
 
+    @torch.no_grad()
+    def copy_params_from(self, flat: torch.Tensor) -> None:
+        """Set the parameters to their regions of ``flat`` (rounded to the parameter dtype)."""
+        torch._foreach_copy_(self.tensors(), self.views_of(flat))
+
+    # -- detecting what happened behind the optimizer's back ----------------------------------
+    def moved(self) -> bool:
+        """True when some parameter's values now live elsewhere (``p.data = ...``, ``model.to``)."""
+        return list(map(_data_ptr, self.tensors())) != self._ptrs
+
+    def relaid(self) -> bool:
+        """True when some parameter changed device, dtype or memory layout (``model.to(...)``):
+        the buffers must be rebuilt, since a flat region holds a parameter's elements in its
+        memory order."""
+        return any(
+            t.device != self.device or t.dtype != self.dtype or t.stride() != s
+            for t, s in zip(self.tensors(), self._strides)
+        )
+
+    def rebind(self) -> None:
+        """Follow parameters whose ``.data`` was replaced by a tensor of the same shape, layout,
+        device and dtype: their values are read where they now are; the state stays. (The
+        caller repacks when :meth:`relaid`.)"""
+        for t, g in zip(self.tensors(), self.grad_views):
+            if t.shape != g.shape:
+                raise ValueError(
+                    f"a parameter's shape changed from {tuple(g.shape)} to {tuple(t.shape)} "
+                    "after it was given to the optimizer; build a new optimizer"
+                )
+        self.workspace.pop("table", None)  # the kernels' address table
+        self._bind()
+
+    # -- gradients -----------------------------------------------------------------------------
     def grads_intact(self) -> bool:
         """True when every parameter's ``.grad`` is still the view into ``self.grad``."""
         return all(map(operator.is_, map(_grad_of, self.params), self.grad_views))
-
-    def relocated(self) -> bool:
-        """True when some parameter moved to another device or dtype (``model.to(...)``)."""
-        return any(p.device != self.device or p.dtype != self.dtype for p in self.params)
-
-    @torch.no_grad()
-    def adopt_param_data(self) -> None:
-        """Copy values from parameters whose ``.data`` was replaced, then re-view them.
-
-        Handles ``p.data = new_tensor`` of the same shape, device and dtype (the caller repacks
-        for device or dtype changes).
-        """
-        for i, p in enumerate(self.params):
-            view = self.param_views[i]
-            if p.data_ptr() != view.data_ptr() or p.stride() != view.stride():
-                if p.shape != view.shape:
-                    raise ValueError(
-                        f"a parameter's shape changed from {tuple(view.shape)} to {tuple(p.shape)} "
-                        "after it was given to the optimizer; build a new optimizer"
-                    )
-                view.copy_(p.detach())
-                p.data = view
-        self._ptrs = list(map(_data_ptr, self.params))
 
     @torch.no_grad()
     def adopt_grads(self) -> None:
@@ -202,17 +216,12 @@ class FlatBucket:
 
 
 class ShardBucket(FlatBucket):
-    """A bucket over DTensor parameters (FSDP2 ``fully_shard``), holding their *local* shards.
+    """A bucket over DTensor parameters (FSDP2 ``fully_shard``): the passes read and write each
+    DTensor's *local* shard in place, where the sharding framework all-gathers from.
 
-    The sharding framework owns those tensors (it all-gathers from their storage before each
-    forward), so here the flat buffer is a mirror instead of their storage: values are pulled
-    in when something else changed them (their version counter moved), pushed back after every
-    write (each trial point, each step), and the gradients, which the framework sets after each
-    backward, are copied in every step. That costs a copy per write; what it buys is that the
-    same kernels and decisions serve sharded training.
+    The framework hands over new gradients (DTensors) after every backward, so they are copied
+    into the flat gradient buffer each step instead of accumulating into views.
     """
-
-    mirrored = True
 
     def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool):
         from .distributed import is_sharded
@@ -220,37 +229,11 @@ class ShardBucket(FlatBucket):
         self.sharded = any(is_sharded(p) for p in params)
         super().__init__(params, group_index, keep_second_moment)
 
-    def _laid_out(self, params):
-        return [p._local_tensor for p in params]
-
-    def _bind(self) -> None:
-        self._versions = [p._local_tensor._version for p in self.params]
-
-    def params_intact(self) -> bool:
-        return True
-
-    def relocated(self) -> bool:
-        return any(
-            p._local_tensor.device != self.device or p._local_tensor.dtype != self.dtype for p in self.params
-        )
+    def tensors(self) -> list[torch.Tensor]:
+        return [p._local_tensor for p in self.params]
 
     def grads_intact(self) -> bool:
         return False  # the framework hands over new gradients every backward
-
-    @torch.no_grad()
-    def pull_params(self) -> None:
-        for i, p in enumerate(self.params):
-            local = p._local_tensor
-            if local._version != self._versions[i]:
-                self.param_views[i].copy_(local)
-                self._versions[i] = local._version
-
-    @torch.no_grad()
-    def push_params(self) -> None:
-        for i, p in enumerate(self.params):
-            local = p._local_tensor
-            local.copy_(self.param_views[i])
-            self._versions[i] = local._version
 
     @torch.no_grad()
     def adopt_grads(self) -> None:

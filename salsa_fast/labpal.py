@@ -209,10 +209,8 @@ class LABPAL(Optimizer):
             self._repack()
 
     def _repack(self) -> None:
-        old = {}
-        for b in getattr(self, "_buckets", []):
-            for p, m, a in zip(b.params, b.views_of(b.exp_avg), b.views_of(self._acc(b))):
-                old[p] = (m, a)
+        # views made at the last repack, in the layout the parameters had then (see SaLSA._repack)
+        old = {p: (e["momentum_buffer"], e["accumulated_grad"]) for p, e in self.state.items()}
         buckets = []
         for gi, group in enumerate(self.param_groups):
             by_key: dict[tuple, list[torch.Tensor]] = {}
@@ -259,17 +257,18 @@ class LABPAL(Optimizer):
             self._repack()
             return
         for b in self._buckets:
-            if not b.params_intact():
-                if b.relocated():
+            if b.moved():
+                if b.relaid():
                     self._repack()
                     return
-                b.adopt_param_data()
+                b.rebind()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """One memset per flat buffer (``set_to_none`` is ignored, as in SaLSA); a no-op while a
         measurement re-evaluates its stored closures."""
         if self._in_measurement_eval:
             return
+        self._check_layout()  # (as in SaLSA.zero_grad)
         for b in self._buckets:
             b.zero_grad()
 
@@ -488,7 +487,7 @@ class LABPAL(Optimizer):
             l2 = self._losses_at(self.sample_step, norm)
         except BaseException:  # a closure (or a pass) raised: back to theta0, measure again next call
             for b in self._buckets[: self._saved_buckets]:
-                b.param.copy_(b.backup)
+                b.copy_params_from(b.backup)
             self._start_measurement()
             raise
         a, b_slope, step = parabola_step((l0, l1, l2), H, self.sample_step, self.fit)
@@ -507,7 +506,7 @@ class LABPAL(Optimizer):
             s.rejected += 1
         if s.step is None:  # nothing accepted yet: back to theta0, measure again
             for b in self._buckets:
-                b.param.copy_(b.backup)
+                b.copy_params_from(b.backup)
             self._start_measurement()
             return
         # the measurement ends with a step of the averaged length from theta0 along the unit

@@ -225,12 +225,9 @@ class SaLSA(Optimizer):
         Parameters that stop requiring grad leave the buffers; their moments are parked (and
         saved in state_dict) until they are unfrozen, as torch's optimizers keep them.
         """
-        old_state = dict(getattr(self, "_parked", {}))
-        for b in getattr(self, "_buckets", []):
-            m_views = b.views_of(b.exp_avg)
-            v_views = b.views_of(b.exp_avg_sq) if b.exp_avg_sq is not None else [None] * len(b.params)
-            for p, m, v in zip(b.params, m_views, v_views):
-                old_state[p] = {"exp_avg": m} if v is None else {"exp_avg": m, "exp_avg_sq": v}
+        # the state entries are views made at the last repack, with the layout the parameters had
+        # then: they read each element right even after a parameter changed its strides
+        old_state = dict(self.state)
 
         buckets: list[FlatBucket] = []
         for gi, group in enumerate(self.param_groups):
@@ -259,7 +256,6 @@ class SaLSA(Optimizer):
         self.state.update(self._parked)
 
         self._buckets = buckets
-        self._mirrored = [b for b in buckets if b.mirrored]
         self._all_params = [p for g in self.param_groups for p in g["params"]]
         self._requires_grad = list(map(_requires_grad, self._all_params))
         self._cuda_devices = sorted({b.device.index or 0 for b in buckets if b.device.type == "cuda"})
@@ -275,13 +271,11 @@ class SaLSA(Optimizer):
             self._repack()  # a parameter was frozen or unfrozen
             return
         for b in self._buckets:
-            if not b.params_intact():
-                if b.relocated():
+            if b.moved():
+                if b.relaid():
                     self._repack()  # model.to(device/dtype) after the optimizer was built
                     return
-                b.adopt_param_data()
-        for b in self._mirrored:
-            b.pull_params()
+                b.rebind()  # p.data = ... (same shape, device, dtype): read it where it is now
 
     def _adopt_grads(self) -> None:
         for b in self._buckets:
@@ -327,6 +321,9 @@ class SaLSA(Optimizer):
         """
         if self._in_search:
             return
+        # First follow what changed since the last step: model.to(...) swaps the data of the
+        # gradient tensors in place, so zeroing the old buffer would leave them stale.
+        self._check_layout()
         for b in self._buckets:
             b.zero_grad()
 
@@ -444,7 +441,6 @@ class SaLSA(Optimizer):
         for b, lr, decay in zip(self._buckets, lrs, decays):
             inf_b = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
             backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, found_inf=inf_b)
-        self._push()
         s.step, s.since_search = k, since
         s.forwards += 1
         s.backwards += 1
@@ -468,11 +464,6 @@ class SaLSA(Optimizer):
         """Write every bucket's parameters with one backend pass (a trial or fallback point)."""
         for b, lr, decay in zip(self._buckets, lrs, decays):
             write(b, lr_step=lr * eta, decay=decay, h=h)
-        self._push()
-
-    def _push(self) -> None:
-        for b in self._mirrored:
-            b.push_params()
 
     def _search_step(self, closure, seed, out, loss, k, eta_try, lrs, decays, h):
         backend, s = self._backend, self._scalars
@@ -506,7 +497,6 @@ class SaLSA(Optimizer):
                     pp_sharded = pp_sharded + pp_b
                 else:
                     pp_full = pp_full + pp_b
-            self._push()
             read = [agree_on_search(group, loss.to(dev, torch.float64), pp_full, pp_sharded)]
             if self._pending_skips is not None:
                 read.append(self._pending_skips.to(dev, torch.float64).reshape(1))
@@ -572,7 +562,6 @@ class SaLSA(Optimizer):
     def _abort(self) -> None:
         for b in self._buckets:
             self._backend.search_abort(b)
-        self._push()
 
     def _skip(self, out, warn: bool = True):
         """Nothing changes; counted. (Overflow skips under a GradScaler are routine: no warning.)"""

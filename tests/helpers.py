@@ -158,6 +158,18 @@ def train(model, opt, steps, kind="digits", dtype=torch.float32, seed=1, start=0
     return run
 
 
+def param_values(bucket) -> torch.Tensor:
+    """A bucket's parameters gathered into its flat index space (padding zero), for comparisons."""
+    return bucket.copy_params_to(torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device))
+
+
+def fill_regions(bucket, buf: torch.Tensor, values: torch.Tensor) -> None:
+    """Copy ``values`` (flat, bucket-sized) into ``buf``'s parameter regions; the padding between
+    them is zero, as the optimizer keeps it."""
+    buf.zero_()
+    torch._foreach_copy_(bucket.views_of(buf), bucket.views_of(values.to(buf.dtype)))
+
+
 def max_abs_diff(a: nn.Module, b: nn.Module) -> float:
     return max((p.double() - q.double()).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 

@@ -119,31 +119,32 @@ def test_disabled_scaler_is_ignored():
 
 
 def test_bf16_autocast_needs_nothing_special():
-    """bf16 autocast in the closure: same decisions and parameters as the reference twin, and it
-    learns."""
+    """bf16 autocast in the closure: the same decisions as the reference twin and parameters
+    equal to fp32 rounding, and over 60 steps it learns.
 
-    def run(cls):
-        model = mlp()
-        opt = cls(model.parameters())
-        calls = [0]
-        for step in range(60):
-            xb, yb = _batches(step)
+    The agreement lasts until a last-bit difference between the two (they round in different
+    orders) crosses a bf16 rounding boundary in the forward pass; from then on the gradients
+    differ by a bf16 ulp, the parameters drift apart to bf16 resolution and near-tie decisions
+    can go either way (on the development machine from step 29: 7e-3 apart, one trial more at
+    step 33). So the two are compared over the first 20 steps."""
+    models = {cls: mlp() for cls in (SaLSA, SaLSAReference)}
+    opts = {cls: cls(model.parameters()) for cls, model in models.items()}
+    calls = {cls: [0] for cls in models}
+    for step in range(60):
+        xb, yb = _batches(step)
+        for cls, model in models.items():
 
-            def closure(backwards=False):
-                calls[0] += 1
+            def closure(backwards=False, model=model, counter=calls[cls]):
+                counter[0] += 1
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = nn.functional.cross_entropy(model(xb), yb)
                 if backwards:
                     loss.backward()
                 return loss
 
-            opt.zero_grad()
-            opt.step(closure)
-        return model, calls[0]
-
-    initial = _full_loss(mlp())
-    a, calls_a = run(SaLSA)
-    b, calls_b = run(SaLSAReference)
-    assert calls_a == calls_b
-    assert max_abs_diff(a, b) <= 1e-3
-    assert _full_loss(a) < initial / 2
+            opts[cls].zero_grad()
+            opts[cls].step(closure)
+        if step < 20:
+            assert calls[SaLSA] == calls[SaLSAReference], f"step {step}"
+            assert max_abs_diff(models[SaLSA], models[SaLSAReference]) <= 1e-6, f"step {step}"
+    assert _full_loss(models[SaLSA]) < _full_loss(mlp()) / 2

@@ -1,6 +1,7 @@
-"""Parameters and gradients as views into flat buffers, and everything users do behind the
-optimizer's back: model.zero_grad(), replaced .grad/.data, model.load_state_dict, model.to(),
-freezing, new param groups, unused parameters."""
+"""Parameters that own their storage beside flat optimizer buffers (gradients as views into the
+flat gradient buffer), and everything users do behind the optimizer's back: model.zero_grad(),
+replaced .grad/.data, model.load_state_dict, model.to(), freezing, new param groups, unused
+parameters, parameters no kernel can address directly."""
 
 import warnings
 
@@ -19,16 +20,24 @@ def _inside(t, flat):
     return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= end
 
 
-def test_params_and_grads_are_views_into_one_buffer():
+def _own_storage(p):
+    """``p`` is alone in its storage: savers that keep one tensor per storage keep it."""
+    return p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_parameters_own_their_storage_and_gradients_are_views(backend):
     model = mlp()
-    opt = SaLSA(model.parameters())
+    where = [(p.data_ptr(), p.untyped_storage().data_ptr()) for p in model.parameters()]
+    opt = SaLSA(model.parameters(), backend=backend)
     (bucket,) = opt._buckets
-    for p in model.parameters():
-        assert _inside(p, bucket.param) and p.grad is None  # grads: views from the first step on
-    train(model, opt, 1)
+    assert all(p.grad is None for p in model.parameters())  # grads: views from the first step on
+    train(model, opt, 12)
+    # the optimizer wrote into the parameters in place: same tensors, same storages
+    assert [(p.data_ptr(), p.untyped_storage().data_ptr()) for p in model.parameters()] == where
+    assert all(_own_storage(p) for p in model.parameters())
     for p in model.parameters():
         assert _inside(p.grad, bucket.grad)
-    train(model, opt, 11, start=1)
     opt.zero_grad(set_to_none=True)  # grads stay (zeroed) views: autograd accumulates into them
     for p in model.parameters():
         assert p.grad is not None and not p.grad.any() and _inside(p.grad, bucket.grad)
@@ -149,21 +158,34 @@ def test_model_load_state_dict_after_the_optimizer_was_built():
     assert ra.calls == rb.calls and max_abs_diff(late, early) <= 1e-9
 
 
-def test_replaced_param_data_is_adopted():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_replaced_param_data_is_followed(backend):
+    """``p.data = new`` between steps: the optimizer reads and writes the new tensor (the Triton
+    backend rebuilds its parameter table), with the same results as changing the values in place."""
     a, b = mlp(torch.float64), mlp(torch.float64)
-    opt_a, opt_b = SaLSA(a.parameters()), SaLSA(b.parameters())
+    opt_a, opt_b = SaLSA(a.parameters(), backend=backend), SaLSA(b.parameters(), backend=backend)
     train(a, opt_a, 15, dtype=torch.float64)
     train(b, opt_b, 15, dtype=torch.float64)
     with torch.no_grad():
         for p in a.parameters():
-            p.data = p.data * 0.5  # a new tensor: the optimizer's view is gone
+            p.data = p.data * 0.5  # a new tensor
         for p in b.parameters():
-            p.mul_(0.5)  # in place, into the flat buffer
+            p.mul_(0.5)  # in place
+    new = [p.data_ptr() for p in a.parameters()]
     ra = train(a, opt_a, 15, dtype=torch.float64, start=15)
     rb = train(b, opt_b, 15, dtype=torch.float64, start=15)
     assert ra.calls == rb.calls
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert all(_inside(p, opt_a._buckets[0].param) for p in a.parameters())
+    assert [p.data_ptr() for p in a.parameters()] == new
+
+
+def test_replaced_param_data_of_another_shape_is_refused():
+    model = mlp()
+    opt = SaLSA(model.parameters())
+    train(model, opt, 2)
+    model[0].bias.data = torch.zeros(5)
+    with pytest.raises(ValueError, match="shape changed"):
+        train(model, opt, 1, start=2)
 
 
 def test_model_to_another_dtype_after_the_optimizer_was_built():
@@ -174,7 +196,7 @@ def test_model_to_another_dtype_after_the_optimizer_was_built():
     model.double()
     train(model, opt, 1, dtype=torch.float64, start=10)  # repacks, then steps
     assert [b.dtype for b in opt._buckets] == [torch.float64]
-    assert all(_inside(p, opt._buckets[0].param) for p in model.parameters())
+    assert all(p.dtype == torch.float64 and _own_storage(p) for p in model.parameters())
     # the moments came along (then took one step's update)
     m_after = [s["exp_avg"] for s in opt.state_dict()["state"].values()]
     for old, new in zip(m_before, m_after):
@@ -183,6 +205,52 @@ def test_model_to_another_dtype_after_the_optimizer_was_built():
         assert not torch.equal(new, torch.zeros_like(new))
     r = train(model, opt, 20, dtype=torch.float64, start=11)
     assert r.losses[-1] < r.losses[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_memory_format_change_mid_training_keeps_each_moment_with_its_element(backend):
+    """``model.to(memory_format=channels_last)`` after 10 steps reorders every conv weight's
+    memory: the optimizer repacks and each moment follows its element, so it goes on exactly as
+    the reference twin (which keeps per-parameter state) on a model converted the same way."""
+    a, b = convnet(torch.float64), convnet(torch.float64)
+    opt_a, opt_b = SaLSA(a.parameters(), backend=backend), SaLSAReference(b.parameters())
+    train(a, opt_a, 10, dtype=torch.float64)
+    train(b, opt_b, 10, dtype=torch.float64)
+    stride = a.conv1.weight.stride()
+    a.to(memory_format=torch.channels_last)
+    b.to(memory_format=torch.channels_last)
+    assert a.conv1.weight.stride() != stride
+    ra = train(a, opt_a, 20, dtype=torch.float64, start=10)
+    rb = train(b, opt_b, 20, dtype=torch.float64, start=10)
+    assert ra.calls == rb.calls
+    assert max_abs_diff(a, b) <= 1e-12
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(opt_a.state[p]["exp_avg_sq"], opt_b.state[q]["exp_avg_sq"], rtol=1e-12, atol=0)
+
+
+class _StridedLinear(nn.Module):
+    """A linear layer whose weight is a strided view (every other column of a wider tensor):
+    no kernel can walk it as one run of memory."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(3)
+        self.weight = nn.Parameter((torch.randn(10, 128, dtype=dtype) * 0.1)[:, ::2])
+        self.bias = nn.Parameter(torch.zeros(10, dtype=dtype))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_parameter_trains_like_the_reference(backend):
+    a, b = _StridedLinear(torch.float64), _StridedLinear(torch.float64)
+    assert not a.weight.is_contiguous()
+    ra = train(a, SaLSA(a.parameters(), backend=backend), 25, dtype=torch.float64)
+    rb = train(b, SaLSAReference(b.parameters()), 25, dtype=torch.float64)
+    assert ra.calls == rb.calls
+    assert max_abs_diff(a, b) <= 1e-12
+    assert a.weight.stride() == (128, 2)
 
 
 def test_freezing_and_unfreezing_mid_training():

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from conftest import DEVICE, DTYPES, SHAPES, STATE_TOL, STATE_TOL_32, TOL
-from helpers import digits, max_abs_diff, mlp, train
+from helpers import digits, fill_regions, max_abs_diff, mlp, param_values, train
 from torch import nn
 
 from salsa_fast import SaLSA
@@ -25,11 +25,10 @@ def _bucket(dtype, direction="adam", seed=0):
     g = torch.Generator().manual_seed(seed)
     params = [nn.Parameter(torch.randn(s, generator=g).to(DEVICE, dtype)) for s in SHAPES]
     b = FlatBucket(params, 0, keep_second_moment=direction == "adam")
-    b.grad.copy_(torch.randn(b.numel, generator=g).to(DEVICE, dtype))
-    b.exp_avg.copy_(torch.randn(b.numel, generator=g).to(DEVICE) * 0.1)
+    fill_regions(b, b.grad, torch.randn(b.numel, generator=g).to(DEVICE))
+    fill_regions(b, b.exp_avg, torch.randn(b.numel, generator=g).to(DEVICE) * 0.1)
     if b.exp_avg_sq is not None:
-        b.exp_avg_sq.copy_(torch.rand(b.numel, generator=g).to(DEVICE) * 0.01)
-    b.grad[b.numel - 3 :] = 0  # the padding stays zero
+        fill_regions(b, b.exp_avg_sq, torch.rand(b.numel, generator=g).to(DEVICE) * 0.01)
     return b
 
 
@@ -44,7 +43,7 @@ def _pair(dtype, direction="adam"):
 
 
 def _close_buckets(a, b, dtype):
-    torch.testing.assert_close(a.param, b.param, **TOL[dtype])
+    torch.testing.assert_close(param_values(a), param_values(b), **TOL[dtype])
     state_tol = STATE_TOL.get(dtype, STATE_TOL_32)
     torch.testing.assert_close(a.exp_avg, b.exp_avg, **state_tol)
     if a.exp_avg_sq is not None:
@@ -70,7 +69,8 @@ def test_plain_step_skips_on_the_device_flag(dtype):
     a, b = _pair(dtype)
     h = _hyper()
     triton_ops.plain_step(a, lr_step=0.03, decay=0.01, h=h, found_inf=torch.ones((), device=DEVICE))
-    for name in ("param", "exp_avg", "exp_avg_sq"):
+    assert torch.equal(param_values(a), param_values(b))
+    for name in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     triton_ops.plain_step(a, lr_step=0.03, decay=0.01, h=h, found_inf=torch.zeros((), device=DEVICE))
     torch_ops.plain_step(b, lr_step=0.03, decay=0.01, h=h, found_inf=None)
@@ -84,7 +84,7 @@ def test_search_passes(dtype, direction, use_mv):
     commit: each against the torch backend."""
     a, b = _pair(dtype, direction)
     h = _hyper(direction, use_mv)
-    pre = a.param.clone()
+    pre = param_values(a)
     pp_a = triton_ops.search_begin(a, lr_step=0.5, decay=0.02, h=h)
     pp_b = torch_ops.search_begin(b, lr_step=0.5, decay=0.02, h=h)
     assert torch.equal(a.backup, pre)
@@ -108,13 +108,15 @@ def test_search_passes(dtype, direction, use_mv):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_search_abort_restores_exactly(dtype):
     a, _ = _pair(dtype)
-    before = {k: getattr(a, k).clone() for k in ("param", "exp_avg", "exp_avg_sq")}
+    before = {k: getattr(a, k).clone() for k in ("exp_avg", "exp_avg_sq")}
+    before_p = [p.detach().clone() for p in a.params]
     h = _hyper()
     triton_ops.search_begin(a, lr_step=0.5, decay=0.02, h=h)
     triton_ops.search_trial(a, lr_step=0.1, decay=0.02, h=h)
     triton_ops.search_abort(a)
     for k, v in before.items():
         assert torch.equal(getattr(a, k), v)
+    assert all(torch.equal(p, q) for p, q in zip(a.params, before_p))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -147,6 +149,80 @@ def test_empty_bucket():
     triton_ops.plain_step(b, lr_step=0.1, decay=0.0, h=h, found_inf=None)
     assert float(triton_ops.search_begin(b, lr_step=0.1, decay=0.0, h=h)) == 0.0
     triton_ops.search_commit(b, h=h)
+
+
+# -- the parameter table ---------------------------------------------------------------------------
+# Sizes around the chunk (1024 elements): empty, smaller, exactly one, just over, several chunks.
+TABLE_SIZES = [0, 3000, 1, 1024, (5, 0), 2049, (17, 61), (), 1023, 4100]
+
+
+def table_params(dtype, special, seed=1):
+    """Parameters of odd sizes; ``special`` adds one the kernels cannot take the plain way:
+    "channels_last" (dense, permuted: addressed directly), "misaligned" (a view 1 element into
+    its storage: the unhinted variant), "strided" (not one dense run: staged)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+    tensors = [randn(s if isinstance(s, tuple) else (s,)) for s in TABLE_SIZES]
+    if special == "channels_last":
+        tensors.insert(3, randn(8, 3, 5, 5).to(memory_format=torch.channels_last))
+    elif special == "misaligned":
+        tensors.insert(3, randn(1301)[1:])
+    elif special == "strided":
+        tensors.insert(3, randn(40, 60)[:, ::2])
+    return [nn.Parameter(t) for t in tensors]
+
+
+def _table_pair(dtype, special, direction="adam"):
+    g = torch.Generator().manual_seed(0)
+    a = FlatBucket(table_params(dtype, special), 0, keep_second_moment=direction == "adam")
+    fill_regions(a, a.grad, torch.randn(a.numel, generator=g).to(DEVICE))
+    fill_regions(a, a.exp_avg, torch.randn(a.numel, generator=g).to(DEVICE) * 0.1)
+    if a.exp_avg_sq is not None:
+        fill_regions(a, a.exp_avg_sq, torch.rand(a.numel, generator=g).to(DEVICE) * 0.01)
+    b = FlatBucket(table_params(dtype, special), 0, keep_second_moment=direction == "adam")
+    for name in ("grad", "exp_avg", "exp_avg_sq"):
+        if getattr(a, name) is not None:
+            getattr(b, name).copy_(getattr(a, name))
+    return a, b
+
+
+@pytest.mark.parametrize("special", [None, "channels_last", "misaligned", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_table_kernels_reach_every_parameter(dtype, special):
+    """Every table kernel over many odd-sized parameters (empty ones among them), one launch per
+    pass, against the torch backend; the special parameter keeps its own layout and storage."""
+    from salsa_fast.kernels.table import param_table
+
+    a, b = _table_pair(dtype, special)
+    table = param_table(a)
+    assert table.chunks == sum(-(-p.numel() // 1024) for p in a.params)
+    aligned = max(1, 16 // a.params[0].element_size())
+    assert table.p_align == (1 if special == "misaligned" else aligned)
+    assert len(table.staged) == (special == "strided")
+    strides = [p.stride() for p in a.params]
+    h = _hyper()
+    for ops, bucket in ((triton_ops, a), (torch_ops, b)):
+        ops.plain_step(bucket, lr_step=0.03, decay=0.01, h=h, found_inf=None)
+    _close_buckets(a, b, dtype)
+    pre = param_values(a)
+    for ops, bucket in ((triton_ops, a), (torch_ops, b)):
+        pp = ops.search_begin(bucket, lr_step=0.5, decay=0.02, h=h)
+        bucket.scratch["pp"] = pp
+    assert torch.equal(a.backup, pre)
+    assert float(a.scratch.pop("pp")) == pytest.approx(float(b.scratch.pop("pp")), rel=1e-5)
+    _close_buckets(a, b, dtype)
+    for ops, bucket in ((triton_ops, a), (torch_ops, b)):
+        ops.search_trial(bucket, lr_step=0.1, decay=0.02, h=h)
+    _close_buckets(a, b, dtype)
+    triton_ops.search_abort(a)
+    assert torch.equal(param_values(a), pre)
+    for ops, bucket in ((triton_ops, a), (torch_ops, b)):
+        ops.labpal_update(bucket, bucket.grad, count=1, momentum=0.5, scale=0.3, coef=None, ok=None)
+    torch_ops.search_abort(b)
+    assert [p.stride() for p in a.params] == strides
 
 
 # -- end to end -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from conftest import DEVICE, DTYPES, SHAPES, STATE_TOL, STATE_TOL_32, TOL
-from helpers import max_abs_diff, mlp, train
+from helpers import fill_regions, max_abs_diff, mlp, param_values, train
 from torch import nn
 
 from salsa_fast import LABPAL, SaLSAWarning
@@ -27,9 +27,10 @@ def _pair(dtype, count, seed=0):
     g = torch.Generator().manual_seed(seed)
     params = [nn.Parameter(torch.randn(s, generator=g).to(DEVICE, dtype)) for s in SHAPES]
     b = FlatBucket(params, 0, keep_second_moment=False)
-    b.grad.copy_(torch.randn(b.numel, generator=g).to(DEVICE, dtype))
-    b.exp_avg.copy_(torch.randn(b.numel, generator=g).to(DEVICE) * 0.1)
-    b.workspace["acc"] = torch.randn(b.numel, generator=g).to(DEVICE, b.state_dtype) * count
+    fill_regions(b, b.grad, torch.randn(b.numel, generator=g).to(DEVICE))
+    fill_regions(b, b.exp_avg, torch.randn(b.numel, generator=g).to(DEVICE) * 0.1)
+    b.workspace["acc"] = torch.zeros(b.numel, dtype=b.state_dtype, device=DEVICE)
+    fill_regions(b, b.workspace["acc"], torch.randn(b.numel, generator=g).to(DEVICE) * count)
     return b, copy.deepcopy(b)
 
 
@@ -38,7 +39,7 @@ def _src(b, count):
 
 
 def _close(a, b, dtype):
-    torch.testing.assert_close(a.param, b.param, **TOL[dtype])
+    torch.testing.assert_close(param_values(a), param_values(b), **TOL[dtype])
     torch.testing.assert_close(a.exp_avg, b.exp_avg, **STATE_TOL.get(dtype, STATE_TOL_32))
 
 
@@ -71,12 +72,12 @@ def test_update_skips_on_the_device_flag(dtype, ops):
     """A non-finite direction (and so a NaN rate: step / ||D||) changes nothing."""
     a, _ = _pair(dtype, 1)
     a.grad[5] = float("nan")
-    before_p, before_m = a.param.clone(), a.exp_avg.clone()
+    before_p, before_m = param_values(a), a.exp_avg.clone()
     ok = torch.tensor(False, device=DEVICE)
     nan_rate = torch.tensor(float("nan"), dtype=torch.float64, device=DEVICE)
     for coef in (None, nan_rate):
         ops.labpal_update(a, a.grad, count=1, momentum=0.5, scale=1.0, coef=coef, ok=ok)
-        assert torch.equal(a.param, before_p) and torch.equal(a.exp_avg, before_m)
+        assert torch.equal(param_values(a), before_p) and torch.equal(a.exp_avg, before_m)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -94,7 +95,7 @@ def test_line_points(dtype, count, momentum):
     """The first point saves the backup in the same pass; later points start from it; the
     closing update writes the momentum buffer."""
     a, b = _pair(dtype, count)
-    theta0 = a.param.clone()
+    theta0 = param_values(a)
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
         src = _src(bucket, count)
         ops.labpal_point(bucket, src, count=count, momentum=momentum, scale=1.77e-4, save_backup=True, write_buffer=False)

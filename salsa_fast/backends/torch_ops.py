@@ -1,8 +1,12 @@
-"""The torch backend: SaLSA's passes as whole-buffer torch ops over a :class:`FlatBucket`.
+"""The torch backend: SaLSA's passes as torch ops over a :class:`FlatBucket`.
 
-It runs wherever torch runs and is the fallback on every device. Each function handles one flat
-buffer; the optimizer calls it once per bucket. All math is in the bucket's state dtype (fp32,
-or fp64 for fp64 parameters); low-precision parameters are widened, updated and rounded back.
+It runs wherever torch runs and is the fallback on every device. Each function handles one
+bucket; the optimizer calls it once per bucket. The optimizer's own buffers (gradients, moments,
+backup) are flat, so their arithmetic is whole-buffer ops; the parameters keep their own
+tensors and are read and written with ``torch._foreach_*`` ops over the parameter list against
+views of those buffers (a new point is computed in a flat work buffer, then copied into the
+parameters in one foreach copy). All math is in the bucket's state dtype (fp32, or fp64 for
+fp64 parameters); low-precision parameters are widened, updated and rounded back.
 
 Search steps never write ``exp_avg``/``exp_avg_sq`` before the search has finished: the first
 pass computes the search direction from the *would-be* moments into a scratch buffer and the
@@ -11,9 +15,9 @@ closure that raises during a trial) exactly undoable: restore ``p`` from the bac
 scratch, and no state has changed. The commit recomputes the moments from the gradient buffer
 with the same ops, so they equal the ones the direction was built from.
 
-Non-search Adam steps use torch's fused AdamW kernel (one pass, 28 B/param for fp32; bf16/fp16
-parameters go through an fp32 copy); a device-side ``found_inf`` flag lets it skip a non-finite
-step without a host sync.
+Non-search Adam steps use torch's fused AdamW kernel over the parameter list (one pass, 28
+B/param for fp32; bf16/fp16 parameters go through an fp32 copy); a device-side ``found_inf`` flag
+lets it skip a non-finite step without a host sync.
 """
 
 from __future__ import annotations
@@ -42,14 +46,20 @@ class Hyper(NamedTuple):
 
 def _buffer(b: FlatBucket, name: str) -> torch.Tensor:
     """A bucket-sized work buffer in the state dtype. On CPU it is kept between calls: a fresh
-    allocation of that size pays a page fault per 4 KiB on every use. Elsewhere the caching
-    allocator makes a fresh one free, and nothing is held between steps."""
+    allocation of that size pays a page fault per 4 KiB on every use (it is zeroed once, so the
+    padding between parameters holds zeros, not garbage). Elsewhere the caching allocator makes
+    a fresh one free, and nothing is held between steps."""
     if b.device.type != "cpu":
         return torch.empty(b.numel, dtype=b.state_dtype, device=b.device)
     buf = b.workspace.get(name)
     if buf is None:
-        buf = b.workspace[name] = torch.empty(b.numel, dtype=b.state_dtype, device=b.device)
+        buf = b.workspace[name] = torch.zeros(b.numel, dtype=b.state_dtype, device=b.device)
     return buf
+
+
+def _params_in_state_dtype(b: FlatBucket) -> torch.Tensor:
+    """The parameters' values gathered into the flat work buffer ``"p"`` (state dtype)."""
+    return b.copy_params_to(_buffer(b, "p"))
 
 
 def _in_state_dtype(b: FlatBucket, t: torch.Tensor, name: str) -> torch.Tensor:
@@ -86,19 +96,20 @@ def _momentum_direction(m: torch.Tensor, v: torch.Tensor | None, h: Hyper) -> to
 
 
 def _write_point(b: FlatBucket, d: torch.Tensor, lr_step: float, decay: float) -> None:
-    """``p = backup * (1 - decay) - lr_step * d``."""
-    p, backup = b.param, b.backup
+    """``p = backup * (1 - decay) - lr_step * d``: computed flat, then copied into the parameters."""
+    t, backup = _buffer(b, "p"), b.backup
     if b.dtype == b.state_dtype:
         if decay:
-            torch.mul(backup, 1 - decay, out=p)
-            p.add_(d, alpha=-lr_step)
+            torch.mul(backup, 1 - decay, out=t)
+            t.add_(d, alpha=-lr_step)
         else:
-            torch.add(backup, d, alpha=-lr_step, out=p)
+            torch.add(backup, d, alpha=-lr_step, out=t)
     else:
-        t = _buffer(b, "p").copy_(backup)
+        t.copy_(backup)
         if decay:
             t.mul_(1 - decay)
-        p.copy_(t.add_(d, alpha=-lr_step))
+        t.add_(d, alpha=-lr_step)
+    b.copy_params_from(t)
 
 
 # -- non-search step --------------------------------------------------------------------------
@@ -116,30 +127,34 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
         if step is None:
             step = b.workspace["step"] = torch.zeros((), dtype=torch.float32, device=b.device)
         step.fill_(h.bias_step)
-        # The fused kernel wants one dtype throughout: low-precision parameters take a detour
-        # through the state dtype (fp32 math, one rounding on the way back).
-        p, g = _in_state_dtype(b, b.param, "p"), _in_state_dtype(b, b.grad, "g")
         # torch's AdamW decays by lr * weight_decay with the *new* step size; ours decays with
         # the old one, so hand it the ratio.
-        torch._fused_adamw_(
-            [p], [g], [b.exp_avg], [b.exp_avg_sq], [], [step],
-            lr=lr_step, beta1=h.beta1, beta2=h.beta2, weight_decay=decay / lr_step,
-            eps=h.eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf,
-        )  # fmt: skip
-        if p is not b.param:
-            b.param.copy_(p)
+        kw = dict(lr=lr_step, beta1=h.beta1, beta2=h.beta2, weight_decay=decay / lr_step, eps=h.eps,
+                  amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf)  # fmt: skip
+        # straight into the parameters, one pass over the list (torch's fused kernel walks each
+        # tensor's memory linearly, so a strided parameter takes the detour below)
+        if b.dtype == b.state_dtype and b.dense:
+            n = len(b.params)
+            torch._fused_adamw_(
+                b.tensors(), b.views("grad"), b.views("exp_avg"), b.views("exp_avg_sq"), [], [step] * n, **kw
+            )
+            return
+        # The fused kernel wants one dtype throughout: low-precision parameters take a detour
+        # through the state dtype (fp32 math, one rounding on the way back).
+        p, g = _params_in_state_dtype(b), _in_state_dtype(b, b.grad, "g")
+        torch._fused_adamw_([p], [g], [b.exp_avg], [b.exp_avg_sq], [], [step], **kw)
+        b.copy_params_from(p)
         return
 
     g = _in_state_dtype(b, b.grad, "g")
-    p = _in_state_dtype(b, b.param, "p")
+    p = _params_in_state_dtype(b)
     if found_inf is None:
         if decay:
             p.mul_(1 - decay)
         _commit_moments(b, g, h)
         m, v = b.exp_avg.clone(), None if b.exp_avg_sq is None else b.exp_avg_sq.clone()
         p.add_(_momentum_direction(m, v, h), alpha=-lr_step)
-        if p is not b.param:
-            b.param.copy_(p)
+        b.copy_params_from(p)
         return
 
     # Device-side skip without the fused kernel: compute out of place, then select.
@@ -150,7 +165,7 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
     b.exp_avg.copy_(torch.where(skip, b.exp_avg, m))
     if v is not None:
         b.exp_avg_sq.copy_(torch.where(skip, b.exp_avg_sq, v))
-    b.param.copy_(torch.where(skip, p, new_p))
+    b.copy_params_from(torch.where(skip, p, new_p))
 
 
 def grad_probe(b: FlatBucket) -> torch.Tensor:
@@ -174,9 +189,9 @@ def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> to
     Returns this bucket's unscaled ``sum(g * direction)`` as a 0-dim tensor (state dtype).
     Moments are not touched (see the module docstring).
     """
-    backup = b.ensure_backup()
+    b.ensure_backup()
     b.search_active = True
-    backup.copy_(b.param)
+    torch._foreach_copy_(b.views("backup"), b.tensors())
     g = _in_state_dtype(b, b.grad, "g")
     if h.direction == "adam":
         d = torch.mul(b.exp_avg_sq, h.beta2, out=_buffer(b, "direction")).addcmul_(g, g, value=1 - h.beta2)
@@ -221,7 +236,7 @@ def search_commit(b: FlatBucket, *, h: Hyper) -> None:
 def search_abort(b: FlatBucket) -> None:
     """Undo a search step: ``p`` back to its pre-step value, moments untouched."""
     if b.search_active:
-        b.param.copy_(b.backup)
+        b.copy_params_from(b.backup)
     b.scratch.clear()
     b.search_active = False
 
@@ -244,6 +259,7 @@ def labpal_sums(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float
     return sq, (torch.dot(d, D).double() if momentum else sq)
 
 
+@torch.no_grad()
 def labpal_update(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float, scale: float,
                   coef: torch.Tensor | None, ok: torch.Tensor | None) -> None:  # fmt: skip
     """``p -= scale * coef * D`` (``coef``: a 0-dim device tensor, or 1); with momentum the
@@ -252,17 +268,20 @@ def labpal_update(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: flo
     if ok is not None:  # zero both factors: a non-finite rate times a zeroed D is still NaN
         D = torch.where(ok, D, torch.zeros((), dtype=D.dtype, device=b.device))
         coef = None if coef is None else torch.where(ok, coef, torch.zeros((), dtype=coef.dtype, device=coef.device))
-    p = _in_state_dtype(b, b.param, "labpal_p")
+    widened = None if b.dtype == b.state_dtype else _params_in_state_dtype(b)
+    p = b.tensors() if widened is None else b.views_of(widened)
+    D_views = b.views_of(D)
     if coef is None:
-        p.add_(D, alpha=-scale)
+        torch._foreach_add_(p, D_views, alpha=-scale)
     else:
-        p.addcmul_(D, (coef * -scale).to(D.dtype))
-    if p is not b.param:
-        b.param.copy_(p)
+        torch._foreach_addcmul_(p, D_views, [(coef * -scale).to(D.dtype)] * len(p))
+    if widened is not None:
+        b.copy_params_from(widened)
     if momentum:
         b.exp_avg.copy_(D if ok is None else torch.where(ok, D, b.exp_avg))
 
 
+@torch.no_grad()
 def labpal_point(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float, scale: float,
                  save_backup: bool, write_buffer: bool) -> None:  # fmt: skip
     """``p = backup - scale * D``, a point on the measured line (``save_backup``: first
@@ -270,9 +289,9 @@ def labpal_point(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: floa
     closing update)."""
     backup = b.ensure_backup()
     if save_backup:
-        backup.copy_(b.param)
+        torch._foreach_copy_(b.views("backup"), b.tensors())
     _, D = _labpal_direction(b, src, count, momentum)
     origin = backup if backup.dtype == b.state_dtype else backup.to(b.state_dtype)
-    b.param.copy_(torch.add(origin, D, alpha=-scale))
+    b.copy_params_from(torch.add(origin, D, alpha=-scale, out=_buffer(b, "labpal_point")))
     if write_buffer and momentum:
         b.exp_avg.copy_(D)

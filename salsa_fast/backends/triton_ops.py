@@ -11,6 +11,7 @@ import torch
 
 from ..flat import FlatBucket
 from ..kernels import adam_step, labpal, reduce, search
+from ..kernels._common import grid
 from .torch_ops import Hyper
 
 name = "triton"
@@ -22,7 +23,8 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
 
 def grad_probe(b: FlatBucket) -> torch.Tensor:
     """The gradient buffer's sum (fp32 partials): finite iff every gradient is."""
-    return reduce.buffer_sum(b.grad, reduce.partials_buffer(b.workspace, b.numel, b.state_dtype, b.device))
+    partials = reduce.partials_buffer(b.workspace, grid(b.numel)[0], b.state_dtype, b.device)
+    return reduce.buffer_sum(b.grad, partials)
 
 
 def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> torch.Tensor:
@@ -46,7 +48,7 @@ def search_commit(b: FlatBucket, *, h: Hyper) -> None:
 
 def search_abort(b: FlatBucket) -> None:
     if b.search_active:
-        b.param.copy_(b.backup)
+        b.copy_params_from(b.backup)
     b.search_active = False
 
 

@@ -64,3 +64,22 @@ def offsets(n, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     return pid, offs, offs < n
+
+
+@triton.jit
+def load(ptrs, mask):
+    """A load that is unmasked for a full chunk (``mask`` None: vectorizable) and zero-filled
+    past the end of a partial one."""
+    if mask is None:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
+def store(ptrs, value, mask):
+    """The store that goes with :func:`load`."""
+    if mask is None:
+        tl.store(ptrs, value)
+    else:
+        tl.store(ptrs, value, mask=mask)

@@ -19,19 +19,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, NUM_WARPS, div, grid, offsets, rounded, scalar, split
+from . import table
+from ._common import BLOCK, NUM_WARPS, div, grid, load, offsets, rounded, scalar, split, store
 from .reduce import finish, partials_buffer
 
 
 @triton.jit
-def _direction(src_ptr, buf_ptr, offs, mask, count_hi, count_lo, mom_hi, mom_lo,
-               ST: tl.constexpr, AVERAGE: tl.constexpr, MOMENTUM: tl.constexpr):  # fmt: skip
-    """(d, D) for these offsets, in the math dtype ``ST``."""
-    d = tl.load(src_ptr + offs, mask=mask, other=0).to(ST)
+def _direction(src_ptrs, buf_ptrs, mask, count, mom, ST: tl.constexpr, AVERAGE: tl.constexpr,
+               MOMENTUM: tl.constexpr):  # fmt: skip
+    """(d, D) at these pointers, in the math dtype ``ST``."""
+    d = load(src_ptrs, mask).to(ST)
     if AVERAGE:
-        d = div(d, scalar(count_hi, count_lo, ST), ST)
+        d = div(d, count, ST)
     if MOMENTUM:
-        D = d + scalar(mom_hi, mom_lo, ST) * tl.load(buf_ptr + offs, mask=mask, other=0)
+        D = d + mom * load(buf_ptrs, mask)
     else:
         D = d
     return d, D
@@ -44,66 +45,92 @@ def _sums_kernel(
 ):  # fmt: skip
     ST: tl.constexpr = buf_ptr.dtype.element_ty
     pid, offs, mask = offsets(n, BLOCK)
-    d, D = _direction(src_ptr, buf_ptr, offs, mask, count_hi, count_lo, mom_hi, mom_lo, ST, AVERAGE, MOMENTUM)
+    count, mom = scalar(count_hi, count_lo, ST), scalar(mom_hi, mom_lo, ST)
+    d, D = _direction(src_ptr + offs, buf_ptr + offs, mask, count, mom, ST, AVERAGE, MOMENTUM)
     tl.store(sq_ptr + pid, tl.sum(D * D, axis=0))
     if MOMENTUM:
         tl.store(dot_ptr + pid, tl.sum(d * D, axis=0))
 
 
 @triton.jit
+def _chunk_update(p_ptrs, src_ptrs, buf_ptrs, mask, count, mom, c, ST: tl.constexpr, AVERAGE: tl.constexpr,
+                  MOMENTUM: tl.constexpr):  # fmt: skip
+    _, D = _direction(src_ptrs, buf_ptrs, mask, count, mom, ST, AVERAGE, MOMENTUM)
+    p = load(p_ptrs, mask).to(ST) - c * D
+    store(p_ptrs, rounded(p, p_ptrs.dtype.element_ty), mask)
+    if MOMENTUM:
+        store(buf_ptrs, D, mask)
+
+
+@triton.jit
 def _update_kernel(
-    p_ptr, src_ptr, buf_ptr, coef_ptr, ok_ptr, n, count_hi, count_lo, mom_hi, mom_lo, s_hi, s_lo,
+    p_base, rows_ptr, src_ptr, buf_ptr, coef_ptr, ok_ptr, count_hi, count_lo, mom_hi, mom_lo, s_hi, s_lo,
     AVERAGE: tl.constexpr, MOMENTUM: tl.constexpr, HAS_COEF: tl.constexpr, HAS_OK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    P_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     ST: tl.constexpr = buf_ptr.dtype.element_ty
-    pid, offs, mask = offsets(n, BLOCK)
-    if HAS_OK:  # (broadcast through a zeros block: the interpreter cannot AND a 0-dim bool)
-        mask = mask & (tl.zeros([BLOCK], tl.int32) + tl.load(ok_ptr) != 0)
-    _, D = _direction(src_ptr, buf_ptr, offs, mask, count_hi, count_lo, mom_hi, mom_lo, ST, AVERAGE, MOMENTUM)
-    c = scalar(s_hi, s_lo, ST)
-    if HAS_COEF:
-        c = tl.load(coef_ptr).to(ST) * c
-    p = tl.load(p_ptr + offs, mask=mask, other=0).to(ST) - c * D
-    tl.store(p_ptr + offs, rounded(p, p_ptr.dtype.element_ty), mask=mask)
-    if MOMENTUM:
-        tl.store(buf_ptr + offs, D, mask=mask)
+    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, BLOCK)
+    run = True
+    if HAS_OK:
+        run = tl.load(ok_ptr) != 0
+    if run:
+        count, mom = scalar(count_hi, count_lo, ST), scalar(mom_hi, mom_lo, ST)
+        c = scalar(s_hi, s_lo, ST)
+        if HAS_COEF:
+            c = tl.load(coef_ptr).to(ST) * c
+        p, src, buf = p_base + p_offs, src_ptr + f_offs, buf_ptr + f_offs
+        if n == BLOCK:
+            _chunk_update(p, src, buf, None, count, mom, c, ST, AVERAGE, MOMENTUM)
+        else:
+            _chunk_update(p, src, buf, tl.arange(0, BLOCK) < n, count, mom, c, ST, AVERAGE, MOMENTUM)
+
+
+@triton.jit
+def _chunk_point(p_ptrs, backup_ptrs, src_ptrs, buf_ptrs, mask, count, mom, c, ST: tl.constexpr,
+                 SAVE: tl.constexpr, WRITE_BUF: tl.constexpr, AVERAGE: tl.constexpr, MOMENTUM: tl.constexpr):  # fmt: skip
+    if SAVE:
+        raw = load(p_ptrs, mask)
+        store(backup_ptrs, raw, mask)
+    else:
+        raw = load(backup_ptrs, mask)
+    _, D = _direction(src_ptrs, buf_ptrs, mask, count, mom, ST, AVERAGE, MOMENTUM)
+    store(p_ptrs, rounded(raw.to(ST) - c * D, p_ptrs.dtype.element_ty), mask)
+    if WRITE_BUF:
+        store(buf_ptrs, D, mask)
 
 
 @triton.jit
 def _point_kernel(
-    p_ptr, backup_ptr, src_ptr, buf_ptr, n, count_hi, count_lo, mom_hi, mom_lo, s_hi, s_lo,
+    p_base, rows_ptr, backup_ptr, src_ptr, buf_ptr, count_hi, count_lo, mom_hi, mom_lo, s_hi, s_lo,
     SAVE: tl.constexpr, WRITE_BUF: tl.constexpr, AVERAGE: tl.constexpr, MOMENTUM: tl.constexpr,
-    BLOCK: tl.constexpr,
+    P_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     ST: tl.constexpr = buf_ptr.dtype.element_ty
-    pid, offs, mask = offsets(n, BLOCK)
-    if SAVE:
-        raw = tl.load(p_ptr + offs, mask=mask, other=0)
-        tl.store(backup_ptr + offs, raw, mask=mask)
+    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, BLOCK)
+    count, mom, c = scalar(count_hi, count_lo, ST), scalar(mom_hi, mom_lo, ST), scalar(s_hi, s_lo, ST)
+    p, bk, src, buf = p_base + p_offs, backup_ptr + f_offs, src_ptr + f_offs, buf_ptr + f_offs
+    if n == BLOCK:
+        _chunk_point(p, bk, src, buf, None, count, mom, c, ST, SAVE, WRITE_BUF, AVERAGE, MOMENTUM)
     else:
-        raw = tl.load(backup_ptr + offs, mask=mask, other=0)
-    _, D = _direction(src_ptr, buf_ptr, offs, mask, count_hi, count_lo, mom_hi, mom_lo, ST, AVERAGE, MOMENTUM)
-    p = raw.to(ST) - scalar(s_hi, s_lo, ST) * D
-    tl.store(p_ptr + offs, rounded(p, p_ptr.dtype.element_ty), mask=mask)
-    if WRITE_BUF:
-        tl.store(buf_ptr + offs, D, mask=mask)
+        mask = tl.arange(0, BLOCK) < n
+        _chunk_point(p, bk, src, buf, mask, count, mom, c, ST, SAVE, WRITE_BUF, AVERAGE, MOMENTUM)
 
 
-def _shape(count: int, momentum: float) -> dict:
-    return dict(AVERAGE=count != 1, MOMENTUM=momentum != 0, BLOCK=BLOCK, num_warps=NUM_WARPS)
+def _flags(count: int, momentum: float) -> dict:
+    return dict(AVERAGE=count != 1, MOMENTUM=momentum != 0, num_warps=NUM_WARPS)
 
 
 def sums(b, src: torch.Tensor, *, count: int, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(||D||^2, <d, D>)`` over the bucket, 0-dim fp64 device tensors."""
     n = b.numel
-    sq_partials = partials_buffer(b.workspace, n, b.state_dtype, b.device, "labpal_sq")
+    sq_partials = partials_buffer(b.workspace, grid(n)[0], b.state_dtype, b.device, "labpal_sq")
     # without momentum <d, D> is ||D||^2: no second buffer (the kernel gets a pointer it never uses)
-    dot_partials = partials_buffer(b.workspace, n, b.state_dtype, b.device, "labpal_dot") if momentum else sq_partials
+    dot_partials = partials_buffer(b.workspace, grid(n)[0], b.state_dtype, b.device, "labpal_dot") if momentum else sq_partials
     if n:
         _sums_kernel[grid(n)](
-            src, b.exp_avg, sq_partials, dot_partials, n, *split(count), *split(momentum), **_shape(count, momentum)
-        )
+            src, b.exp_avg, sq_partials, dot_partials, n, *split(count), *split(momentum),
+            BLOCK=BLOCK, **_flags(count, momentum),
+        )  # fmt: skip
     sq = finish(sq_partials)
     return sq, (finish(dot_partials) if momentum else sq)
 
@@ -111,24 +138,17 @@ def sums(b, src: torch.Tensor, *, count: int, momentum: float) -> tuple[torch.Te
 def update(b, src: torch.Tensor, *, count: int, momentum: float, scale: float,
            coef: torch.Tensor | None, ok: torch.Tensor | None) -> None:  # fmt: skip
     """``p -= scale * coef * D``; buf = D with momentum; nothing where ``ok`` is False."""
-    n = b.numel
-    if n == 0:
-        return
-    _update_kernel[grid(n)](
-        b.param, src, b.exp_avg, b.exp_avg if coef is None else coef, b.exp_avg if ok is None else ok.to(torch.int32),
-        n, *split(count), *split(momentum), *split(scale),
-        HAS_COEF=coef is not None, HAS_OK=ok is not None, **_shape(count, momentum),
+    table.launch(
+        _update_kernel, b, src, b.exp_avg, b.exp_avg if coef is None else coef,
+        b.exp_avg if ok is None else ok.to(torch.int32), *split(count), *split(momentum), *split(scale),
+        writes=True, HAS_COEF=coef is not None, HAS_OK=ok is not None, **_flags(count, momentum),
     )  # fmt: skip
 
 
 def point(b, src: torch.Tensor, *, count: int, momentum: float, scale: float, save_backup: bool,
           write_buffer: bool) -> None:  # fmt: skip
     """``p = backup - scale * D`` (``save_backup``: ``backup = p`` first, in the same pass)."""
-    n = b.numel
-    backup = b.ensure_backup()
-    if n == 0:
-        return
-    _point_kernel[grid(n)](
-        b.param, backup, src, b.exp_avg, n, *split(count), *split(momentum), *split(scale),
-        SAVE=save_backup, WRITE_BUF=write_buffer and momentum != 0, **_shape(count, momentum),
+    table.launch(
+        _point_kernel, b, b.ensure_backup(), src, b.exp_avg, *split(count), *split(momentum), *split(scale),
+        writes=True, SAVE=save_backup, WRITE_BUF=write_buffer and momentum != 0, **_flags(count, momentum),
     )  # fmt: skip

@@ -17,12 +17,12 @@ def _block_sum_kernel(x_ptr, partial_ptr, n, BLOCK: tl.constexpr):
     tl.store(partial_ptr + pid, tl.sum(x, axis=0))
 
 
-def partials_buffer(workspace: dict, n: int, dtype: torch.dtype, device: torch.device,
+def partials_buffer(workspace: dict, programs: int, dtype: torch.dtype, device: torch.device,
                     name: str = "partials") -> torch.Tensor:  # fmt: skip
     """The bucket's reusable buffer ``name`` of one partial sum per program."""
     buf = workspace.get(name)
-    if buf is None or buf.numel() != triton.cdiv(n, BLOCK) or buf.dtype != dtype:
-        buf = workspace[name] = torch.empty(triton.cdiv(n, BLOCK), dtype=dtype, device=device)
+    if buf is None or buf.numel() != programs or buf.dtype != dtype:
+        buf = workspace[name] = torch.empty(programs, dtype=dtype, device=device)
     return buf
 
 

@@ -7,10 +7,10 @@ writes p: 16 (20) bytes per fp32 parameter; SGD trials 12.
 
 bytes per fp32 parameter (Adam; with use_mv add 4 for m; SGD drops v's 4):
 first pass  reads p, g, v (m); writes backup, the first trial's p, one partial of
-            sum(g * direction) per program                       20 (24) B
+            sum(g * direction) per chunk                         20 (24) B
 trial       reads backup, g, v (m); writes p                      16 (20) B
 commit      reads g, m, v; writes m, v                            20 B
-Against SPEC's single 32 B first pass that also writes the moments, a search moves 8 B/param
+Against a single 32 B first pass that also writes the moments, a search moves 8 B/param
 more in all (20 + 20 vs 32): the price of a search that can be undone exactly.
 """
 
@@ -19,51 +19,71 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, NUM_WARPS, div, grid, offsets, rounded, scalar, split, sqrt
+from . import table
+from ._common import BLOCK, NUM_WARPS, div, grid, load, offsets, rounded, scalar, split, sqrt, store
 from .reduce import finish, partials_buffer
 
 FIRST, TRIAL, MOMENTUM = 0, 1, 2  # the point kinds of _search_point_kernel
 
 
 @triton.jit
-def _search_point_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, backup_ptr, partial_ptr, n,
-    lr_hi, lr_lo, keep_hi, keep_lo, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
-    c1_hi, c1_lo, c2_hi, c2_lo, eps_hi, eps_lo,
-    KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr, DECAY: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Write ``p = backup*(1-decay) - lr * direction`` (KIND=FIRST also writes the backup from
-    p and the partials of sum(g * direction)). The direction is built from the step's would-be
-    moments: ``g * precond`` for a trial, ``mhat * precond`` with USE_MV or for the MOMENTUM
-    point; precond is 1 for SGD."""
-    ST: tl.constexpr = m_ptr.dtype.element_ty
-    pid, offs, mask = offsets(n, BLOCK)
+def _chunk_point(p_ptrs, g_ptrs, m_ptrs, v_ptrs, backup_ptrs, mask, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
+                 ST: tl.constexpr, KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr,
+                 DECAY: tl.constexpr):  # fmt: skip
+    """One chunk of a point; returns its partial of sum(g * direction) (FIRST) or 0."""
     if KIND == 0:
-        p_raw = tl.load(p_ptr + offs, mask=mask, other=0)
-        tl.store(backup_ptr + offs, p_raw, mask=mask)
+        p_raw = load(p_ptrs, mask)
+        store(backup_ptrs, p_raw, mask)
     else:
-        p_raw = tl.load(backup_ptr + offs, mask=mask, other=0)
+        p_raw = load(backup_ptrs, mask)
     p0 = p_raw.to(ST)
     if DECAY:
-        p0 = p0 * scalar(keep_hi, keep_lo, ST)
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(ST)
-
+        p0 = p0 * keep
+    g = load(g_ptrs, mask).to(ST)
     if USE_MV or KIND == 2:
-        m = tl.load(m_ptr + offs, mask=mask, other=0)
-        m = m * scalar(b1_hi, b1_lo, ST) + scalar(omb1_hi, omb1_lo, ST) * g
-        d = div(m, scalar(c1_hi, c1_lo, ST), ST)
+        m = load(m_ptrs, mask)
+        d = div(m * b1 + omb1 * g, c1, ST)
     else:
         d = g
     if ADAM:
-        v = tl.load(v_ptr + offs, mask=mask, other=0)
-        v = v * scalar(b2_hi, b2_lo, ST) + scalar(omb2_hi, omb2_lo, ST) * g * g
-        denom = sqrt(div(v, scalar(c2_hi, c2_lo, ST), ST), ST) + scalar(eps_hi, eps_lo, ST)
-        d = div(d, denom, ST)
-
-    p = p0 - scalar(lr_hi, lr_lo, ST) * d
-    tl.store(p_ptr + offs, rounded(p, p_ptr.dtype.element_ty), mask=mask)
+        v = load(v_ptrs, mask)
+        v = v * b2 + omb2 * g * g
+        d = div(d, sqrt(div(v, c2, ST), ST) + eps, ST)
+    store(p_ptrs, rounded(p0 - lr * d, p_ptrs.dtype.element_ty), mask)
     if KIND == 0:
-        tl.store(partial_ptr + pid, tl.sum(g * d, axis=0))
+        return tl.sum(g * d, axis=0)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _search_point_kernel(
+    p_base, rows_ptr, g_ptr, m_ptr, v_ptr, backup_ptr, partial_ptr,
+    lr_hi, lr_lo, keep_hi, keep_lo, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
+    c1_hi, c1_lo, c2_hi, c2_lo, eps_hi, eps_lo,
+    KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr, DECAY: tl.constexpr,
+    P_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Write ``p = backup*(1-decay) - lr * direction`` (KIND=FIRST also writes the backup from
+    p and one partial of sum(g * direction) per chunk). The direction is built from the step's
+    would-be moments: ``g * precond`` for a trial, ``mhat * precond`` with USE_MV or for the
+    MOMENTUM point; precond is 1 for SGD."""
+    ST: tl.constexpr = m_ptr.dtype.element_ty
+    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, BLOCK)
+    lr, keep = scalar(lr_hi, lr_lo, ST), scalar(keep_hi, keep_lo, ST)
+    b1, omb1 = scalar(b1_hi, b1_lo, ST), scalar(omb1_hi, omb1_lo, ST)
+    b2, omb2 = scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST)
+    c1, c2, eps = scalar(c1_hi, c1_lo, ST), scalar(c2_hi, c2_lo, ST), scalar(eps_hi, eps_lo, ST)
+    p, g, m, v, bk = p_base + p_offs, g_ptr + f_offs, m_ptr + f_offs, v_ptr + f_offs, backup_ptr + f_offs
+    if n == BLOCK:
+        part = _chunk_point(p, g, m, v, bk, None, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
+                            ST, KIND, ADAM, USE_MV, DECAY)  # fmt: skip
+    else:
+        mask = tl.arange(0, BLOCK) < n
+        part = _chunk_point(p, g, m, v, bk, mask, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
+                            ST, KIND, ADAM, USE_MV, DECAY)  # fmt: skip
+    if KIND == 0:
+        tl.store(partial_ptr + pid, part)
 
 
 @triton.jit
@@ -83,22 +103,19 @@ def _commit_kernel(
 
 
 def _launch_point(b, kind: int, lr_step: float, decay: float, h, partials) -> None:
-    n = b.numel
-    if n == 0:
-        return
     adam = h.direction == "adam"
-    _search_point_kernel[grid(n)](
-        b.param, b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, b.backup,
-        partials if partials is not None else b.exp_avg, n,
+    table.launch(
+        _search_point_kernel, b, b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, b.backup,
+        partials if partials is not None else b.exp_avg,
         *split(lr_step), *split(1 - decay), *split(h.beta1), *split(1 - h.beta1),
         *split(h.beta2), *split(1 - h.beta2), *split(h.corr1), *split(h.corr2), *split(h.eps),
-        KIND=kind, ADAM=adam, USE_MV=h.use_mv, DECAY=decay != 0, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        writes=True, KIND=kind, ADAM=adam, USE_MV=h.use_mv, DECAY=decay != 0, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
 def first_pass(b, *, lr_step: float, decay: float, h):
     """Back up p, write the first trial, return sum(g * direction) as a 0-dim fp64 tensor."""
-    partials = partials_buffer(b.workspace, b.numel, b.state_dtype, b.device)
+    partials = partials_buffer(b.workspace, table.param_table(b).chunks, b.state_dtype, b.device, "chunk_partials")
     _launch_point(b, FIRST, lr_step, decay, h, partials)
     return finish(partials)
 
