@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-# Datasheet memory bandwidth (GB/s), so results transfer to the GPUs users have (SPEC section 7).
+# Datasheet memory bandwidth (GB/s), so results transfer to the GPUs users have (the README's performance section).
 DATASHEET_GB_S = {
     "A40": 696,
     "A100-SXM4-80GB": 2039,

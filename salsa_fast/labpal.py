@@ -1,11 +1,11 @@
-"""LABPAL: the large-batch parabolic approximation line search, on SaLSA's flat buffers.
+"""LABPAL: the large-batch parabolic approximation line search, on SaLSA's buffers.
 
 LABPAL (Mutschler & Zell, arXiv 2108.13880) rarely measures the loss along one line with a
 large batch (N inference batches), fits a parabola to three points on it, and reuses the step
-it derives for many (default 1000) plain normalised-SGD or SGD updates. ``../shared/LABPAL.md``
-in the project restates the reference implementation; this one follows it, with its defects
-fixed (see :class:`LABPAL`). ``salsa_fast/labpal_reference.py`` is the readable per-parameter
-twin the tests hold this class to.
+it derives for many (default 1000) plain normalised-SGD or SGD updates. This implementation
+follows the authors' reference implementation, with its defects fixed (see :class:`LABPAL`).
+``salsa_fast/labpal_reference.py`` is the readable per-parameter twin the tests hold this class
+to.
 
 Closure contract: SaLSA's. One ``step(closure)`` call per inference batch; the closure takes
 ``backwards`` and returns that batch's loss. The optimizer calls it with ``backwards=True``

@@ -1,4 +1,4 @@
-"""Bad input answered as SPEC section 5 says: a clear exception naming the argument, or a
+"""Bad input answered as the README's "Bad input" paragraph says: a clear exception naming the argument, or a
 documented recovery; never a silent wrong result, never corrupted parameters."""
 
 import math
