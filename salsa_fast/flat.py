@@ -101,6 +101,10 @@ class FlatBucket:
         self.exp_avg_sq = torch.zeros(total, dtype=self.state_dtype, **kw) if keep_second_moment else None
         self.backup: torch.Tensor | None = None
         self.search_active = False  # between a search's first pass and its commit or abort
+        # keep_backup=False: where the parameters are relative to the step's start p0, as
+        # (momentum direction?, lr * step size, decay) of p = p0 * (1 - decay) - lr_step * d; None at p0
+        self.lean_at: tuple[bool, float, float] | None = None
+        self.keep_work = True  # may backends keep work buffers between steps (False: Adam's memory)
         self.scratch: dict[str, torch.Tensor] = {}
         self.workspace: dict[str, torch.Tensor] = {}
         self._views: dict[str, list[torch.Tensor]] = {}

@@ -36,7 +36,7 @@ _requires_grad = operator.attrgetter("requires_grad")
 # Keys that are properties of the whole search and cannot differ between param groups.
 _GLOBAL_KEYS = frozenset(
     "init_step_size c momentum betas speed_up use_mv direction growth decrease eps "
-    "max_backtracks max_interval backend process_group grad_scaler".split()
+    "max_backtracks max_interval backend process_group grad_scaler keep_backup".split()
 )
 _MIN_LOSS = 1e-8  # below this |loss| (or smoothed norm) the criterion is meaningless
 _SLOW, _FAST = 0.99, 0.9  # smoothing of the two step-size averages behind the search interval
@@ -114,6 +114,11 @@ class SaLSA(Optimizer):
         grad_scaler: a ``torch.amp.GradScaler`` for fp16 training: the closure calls
             ``scaler.scale(loss).backward()`` and returns the unscaled loss; SaLSA unscales,
             skips overflowing steps and updates the scaler (see :mod:`salsa_fast.amp`).
+        keep_backup: ``True`` keeps a copy of the parameters during a search and computes every
+            trial point from it. ``False`` keeps no buffer beyond Adam's (gradients and the
+            two moments): each trial is reached from the previous point and a failed or
+            aborted search moves back the same way, exact to one rounding per element per
+            move. Same decisions in float64; see the README's memory section.
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class SaLSA(Optimizer):
         backend: str = "auto",
         process_group=None,
         grad_scaler=None,
+        keep_backup: bool = True,
     ):
         _check_hyper("init_step_size", _is_real(init_step_size) and init_step_size > 0, init_step_size, "must be > 0")
         _check_hyper("c", _is_real(c) and c > 0, c, "must be > 0")
@@ -157,6 +163,7 @@ class SaLSA(Optimizer):
         _check_hyper("max_interval", _is_real(max_interval) and max_interval > 0, max_interval, "must be > 0")
         _check_hyper("direction", direction in ("adam", "sgd"), direction, "must be 'adam' or 'sgd'")
         _check_hyper("backend", backend in backends.NAMES, backend, f"must be one of {backends.NAMES}")
+        _check_hyper("keep_backup", isinstance(keep_backup, bool), keep_backup, "must be a bool")
         resolve_group(process_group)  # a group without torch.distributed is a ValueError
 
         self.init_step_size = float(init_step_size)
@@ -172,6 +179,7 @@ class SaLSA(Optimizer):
         self.max_interval = float(max_interval)
         self.backend_name = backend
         self.process_group = process_group
+        self.keep_backup = keep_backup
 
         self._ready = False
         super().__init__(params, dict(lr=1.0, weight_decay=float(weight_decay)))
@@ -255,6 +263,8 @@ class SaLSA(Optimizer):
         }
         self.state.update(self._parked)
 
+        for b in buckets:
+            b.keep_work = self.keep_backup
         self._buckets = buckets
         self._all_params = [p for g in self.param_groups for p in g["params"]]
         self._requires_grad = list(map(_requires_grad, self._all_params))
@@ -492,7 +502,11 @@ class SaLSA(Optimizer):
             pp_full = torch.zeros((), dtype=torch.float64, device=dev)  # norm of whole parameters
             pp_sharded = torch.zeros((), dtype=torch.float64, device=dev)  # of this rank's shards
             for b, lr, decay in zip(buckets, lrs, decays):
-                pp_b = lr * backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h).to(dev, torch.float64)
+                if self.keep_backup:  # back up p, write the first trial point, sum(g * d)
+                    pp_b = backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h)
+                else:  # only sum(g * d): the parameters move once the search is decided
+                    pp_b = backend.lean_norm(b, h=h)
+                pp_b = lr * pp_b.to(dev, torch.float64)
                 if b.sharded:
                     pp_sharded = pp_sharded + pp_b
                 else:
@@ -504,7 +518,7 @@ class SaLSA(Optimizer):
             loss_v, pp_v, *skips = torch.cat(read).tolist()  # the one sync of the search
             s.skipped += int(sum(skips))
             if not (math.isfinite(loss_v) and math.isfinite(pp_v)):
-                self._abort()
+                self._abort(h)
                 return self._skip(out, warn=self._scaler is None or not self._scaler.enabled)
 
             norm_avg = beta3 * s.norm_avg + (1 - beta3) * pp_v
@@ -515,6 +529,9 @@ class SaLSA(Optimizer):
                         "the loss is negative: SaLSA's Armijo criterion assumes a loss bounded below "
                         "(e.g. >= 0); the search goes on, but the step size may grow without bound",
                     )
+                trial_point = backend.search_trial if self.keep_backup else backend.lean_trial
+                if not self.keep_backup:
+                    self._write_points(trial_point, eta_try, lrs, decays, h)
                 while True:
                     _, trial_loss = trial_closure()
                     if group is not None:
@@ -533,14 +550,15 @@ class SaLSA(Optimizer):
                     eta_try *= self.decrease
                     if trials == self.max_backtracks:
                         break  # parameters stay at the last trial
-                    self._write_points(backend.search_trial, eta_try, lrs, decays, h)
+                    self._write_points(trial_point, eta_try, lrs, decays, h)
             else:
                 # Loss or norm too small for the criterion: step along the momentum direction.
-                self._write_points(backend.search_momentum_point, eta_try, lrs, decays, h)
+                momentum_point = backend.search_momentum_point if self.keep_backup else backend.lean_momentum_point
+                self._write_points(momentum_point, eta_try, lrs, decays, h)
                 trial_closure()
                 forwards += 1
         except BaseException:
-            self._abort()
+            self._abort(h)
             raise
         finally:
             self._in_search = False
@@ -559,9 +577,20 @@ class SaLSA(Optimizer):
         self._finish(StepInfo(searched=True, trials=trials, accepted=accepted, step_size=eta_try))
         return out
 
-    def _abort(self) -> None:
+    def _abort(self, h) -> None:
+        """Back to the step's starting point, the moments untouched (every bucket, even if one
+        of them fails to move: the exception that follows is the first one)."""
+        errors = []
         for b in self._buckets:
-            self._backend.search_abort(b)
+            try:
+                if self.keep_backup:
+                    self._backend.search_abort(b)
+                else:
+                    self._backend.lean_restore(b, h=h)
+            except BaseException as e:  # (keep restoring the others)
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def _skip(self, out, warn: bool = True):
         """Nothing changes; counted. (Overflow skips under a GradScaler are routine: no warning.)"""

@@ -105,6 +105,35 @@ def test_search_passes(dtype, direction, use_mv):
     assert not a.search_active
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction,use_mv", VARIANTS)
+def test_lean_search_passes(dtype, direction, use_mv):
+    """keep_backup=False: the norm pass writes nothing; the first move and two further trials,
+    the restore and the momentum point, each against the torch backend; the restore comes back
+    to the start within a few ulps of the largest point visited (one rounding per move)."""
+    a, b = _pair(dtype, direction)
+    h = _hyper(direction, use_mv)
+    pre = param_values(a)
+    pp_a, pp_b = triton_ops.lean_norm(a, h=h), torch_ops.lean_norm(b, h=h)
+    assert torch.equal(param_values(a), pre) and torch.equal(param_values(b), pre)
+    assert float(pp_a) == pytest.approx(float(pp_b), rel=1e-12 if dtype == torch.float64 else 1e-5)
+    visited = 0.0
+    for lr in (0.5, 0.4, 1e-3):
+        triton_ops.lean_trial(a, lr_step=lr, decay=0.02, h=h)
+        torch_ops.lean_trial(b, lr_step=lr, decay=0.02, h=h)
+        _close_buckets(a, b, dtype)
+        visited = max(visited, float(param_values(a).abs().max()))
+    for ops, bucket in ((triton_ops, a), (torch_ops, b)):
+        ops.lean_restore(bucket, h=h)
+        assert bucket.lean_at is None
+        torch.testing.assert_close(param_values(bucket), pre, rtol=0, atol=8 * torch.finfo(dtype).eps * visited)
+    for ops, bucket in ((triton_ops, a), (torch_ops, b)):
+        ops.lean_momentum_point(bucket, lr_step=0.2, decay=0.02, h=h)
+        ops.search_commit(bucket, h=h)
+        assert bucket.lean_at is None and bucket.backup is None
+    _close_buckets(a, b, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_search_abort_restores_exactly(dtype):
     a, _ = _pair(dtype)

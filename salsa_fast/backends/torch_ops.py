@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from ..flat import FlatBucket
+from . import lean
 
 name = "torch"
 
@@ -48,8 +49,9 @@ def _buffer(b: FlatBucket, name: str) -> torch.Tensor:
     """A bucket-sized work buffer in the state dtype. On CPU it is kept between calls: a fresh
     allocation of that size pays a page fault per 4 KiB on every use (it is zeroed once, so the
     padding between parameters holds zeros, not garbage). Elsewhere the caching allocator makes
-    a fresh one free, and nothing is held between steps."""
-    if b.device.type != "cpu":
+    a fresh one free, and nothing is held between steps; nor is anything with
+    ``keep_backup=False`` (``b.keep_work`` False), which trades those page faults for memory."""
+    if b.device.type != "cpu" or not b.keep_work:
         return torch.empty(b.numel, dtype=b.state_dtype, device=b.device)
     buf = b.workspace.get(name)
     if buf is None:
@@ -96,19 +98,21 @@ def _momentum_direction(m: torch.Tensor, v: torch.Tensor | None, h: Hyper) -> to
 
 
 def _write_point(b: FlatBucket, d: torch.Tensor, lr_step: float, decay: float) -> None:
-    """``p = backup * (1 - decay) - lr_step * d``: computed flat, then copied into the parameters."""
-    t, backup = _buffer(b, "p"), b.backup
+    """``p = backup * (1 - decay) - lr_step * d``. Parameters in the state dtype are written in
+    place with foreach ops (the same arithmetic as ``mul(backup, 1 - decay)`` then
+    ``add_(d, alpha=-lr_step)``, and no work buffer); others are computed flat in the state dtype
+    and rounded once on the way into the parameters."""
     if b.dtype == b.state_dtype:
+        p = b.tensors()
+        torch._foreach_copy_(p, b.views("backup"))
         if decay:
-            torch.mul(backup, 1 - decay, out=t)
-            t.add_(d, alpha=-lr_step)
-        else:
-            torch.add(backup, d, alpha=-lr_step, out=t)
-    else:
-        t.copy_(backup)
-        if decay:
-            t.mul_(1 - decay)
-        t.add_(d, alpha=-lr_step)
+            torch._foreach_mul_(p, 1 - decay)
+        torch._foreach_add_(p, b.views_of(d), alpha=-lr_step)
+        return
+    t = _buffer(b, "p").copy_(b.backup)
+    if decay:
+        t.mul_(1 - decay)
+    t.add_(d, alpha=-lr_step)
     b.copy_params_from(t)
 
 
@@ -182,17 +186,9 @@ def grad_probe(b: FlatBucket) -> torch.Tensor:
 # -- search step ------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> torch.Tensor:
-    """First pass of a search: back up ``p``, build the search direction, write the first trial.
-
-    Returns this bucket's unscaled ``sum(g * direction)`` as a 0-dim tensor (state dtype).
-    Moments are not touched (see the module docstring).
-    """
-    b.ensure_backup()
-    b.search_active = True
-    torch._foreach_copy_(b.views("backup"), b.tensors())
-    g = _in_state_dtype(b, b.grad, "g")
+def _search_direction(b: FlatBucket, g: torch.Tensor, h: Hyper) -> torch.Tensor:
+    """The search direction from the step's would-be moments, into the work buffer ``"direction"``
+    (SGD without ``use_mv``: the gradient itself; zero_grad() is a no-op during a search)."""
     if h.direction == "adam":
         d = torch.mul(b.exp_avg_sq, h.beta2, out=_buffer(b, "direction")).addcmul_(g, g, value=1 - h.beta2)
         d.div_(h.corr2).sqrt_().add_(h.eps)  # the denominator, in the direction's memory
@@ -201,11 +197,24 @@ def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> to
             torch.div(m_hat.div_(h.corr1), d, out=d)
         else:
             torch.div(g, d, out=d)
-    elif h.use_mv:
-        d = torch.mul(b.exp_avg, h.beta1, out=_buffer(b, "direction")).add_(g, alpha=1 - h.beta1).div_(h.corr1)
-    else:
-        d = g  # the gradient itself; zero_grad() is a no-op during a search
-    b.scratch["direction"] = d
+        return d
+    if h.use_mv:
+        return torch.mul(b.exp_avg, h.beta1, out=_buffer(b, "direction")).add_(g, alpha=1 - h.beta1).div_(h.corr1)
+    return g
+
+
+@torch.no_grad()
+def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> torch.Tensor:
+    """First pass of a search: back up ``p``, build the search direction, write the first trial.
+
+    Returns this bucket's unscaled ``sum(g * direction)`` as a 0-dim tensor (state dtype).
+    Moments are not touched (see the module docstring).
+    """
+    b.ensure_backup()
+    torch._foreach_copy_(b.views("backup"), b.tensors())
+    b.search_active = True
+    g = _in_state_dtype(b, b.grad, "g")
+    d = b.scratch["direction"] = _search_direction(b, g, h)
     pp = torch.dot(g, d)
     _write_point(b, d, lr_step, decay)
     return pp
@@ -230,6 +239,7 @@ def search_commit(b: FlatBucket, *, h: Hyper) -> None:
     _commit_moments(b, _in_state_dtype(b, b.grad, "g"), h)
     b.scratch.clear()
     b.search_active = False
+    b.lean_at = None
 
 
 @torch.no_grad()
@@ -239,6 +249,61 @@ def search_abort(b: FlatBucket) -> None:
         b.copy_params_from(b.backup)
     b.scratch.clear()
     b.search_active = False
+
+
+# -- the search without a backup (keep_backup=False) -------------------------------------------
+# The parameters move from point to point along the direction (see salsa_fast/kernels/
+# lean_search.py for the three moves); the direction is computed once per search into a work
+# buffer that is dropped with the scratch when the search ends.
+
+
+@torch.no_grad()
+def lean_norm(b: FlatBucket, *, h: Hyper) -> torch.Tensor:
+    """``sum(g * direction)`` over the bucket; the parameters are not touched."""
+    g = _in_state_dtype(b, b.grad, "g")
+    b.scratch["direction"] = _search_direction(b, g, h)
+    return torch.dot(g, b.scratch["direction"])
+
+
+def _lean_direction(b: FlatBucket, momentum: bool, h: Hyper) -> torch.Tensor:
+    if not momentum:
+        return b.scratch["direction"]
+    d = b.scratch.get("momentum")
+    if d is None:  # (the fallback point: the search direction is no longer needed)
+        b.scratch.pop("direction", None)
+        m, v = _new_moments(b, _in_state_dtype(b, b.grad, "g"), h)
+        d = b.scratch["momentum"] = _momentum_direction(m, v, h)
+    return d
+
+
+@torch.no_grad()
+def lean_move(b: FlatBucket, *, mode: int, momentum: bool, s: float, decay: float, h: Hyper) -> None:
+    """One move (``lean.FIRST``, ``MOVE`` or ``RESTORE``) along the search or momentum direction."""
+    d = _lean_direction(b, momentum, h)
+    widened = None if b.dtype == b.state_dtype else b.copy_params_to(_buffer(b, "p"))
+    p, d_views = (b.tensors(), b.views_of(d)) if widened is None else ([widened], [d])
+    if mode == lean.RESTORE:
+        torch._foreach_add_(p, d_views, alpha=s)
+        if decay:
+            torch._foreach_div_(p, 1 - decay)
+    else:
+        if mode == lean.FIRST and decay:
+            torch._foreach_mul_(p, 1 - decay)
+        torch._foreach_add_(p, d_views, alpha=-s)
+    if widened is not None:
+        b.copy_params_from(widened)
+
+
+def lean_trial(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+    lean.goto(lean_move, b, momentum=False, lr_step=lr_step, decay=decay, h=h)
+
+
+def lean_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+    lean.goto(lean_move, b, momentum=True, lr_step=lr_step, decay=decay, h=h)
+
+
+def lean_restore(b: FlatBucket, *, h: Hyper) -> None:
+    lean.restore(lean_move, b, h=h)
 
 
 # -- LABPAL's passes ---------------------------------------------------------------------------

@@ -27,6 +27,23 @@ FIRST, TRIAL, MOMENTUM = 0, 1, 2  # the point kinds of _search_point_kernel
 
 
 @triton.jit
+def direction(g, m_ptrs, v_ptrs, mask, b1, omb1, b2, omb2, c1, c2, eps, ST: tl.constexpr,
+              MOMENTUM: tl.constexpr, ADAM: tl.constexpr):  # fmt: skip
+    """The step's direction from the gradient and the *would-be* moments (the stored ones are
+    not written): ``mhat`` with MOMENTUM else ``g``, times ``1 / (sqrt(vhat) + eps)`` with ADAM."""
+    if MOMENTUM:
+        m = load(m_ptrs, mask)
+        d = div(m * b1 + omb1 * g, c1, ST)
+    else:
+        d = g
+    if ADAM:
+        v = load(v_ptrs, mask)
+        v = v * b2 + omb2 * g * g
+        d = div(d, sqrt(div(v, c2, ST), ST) + eps, ST)
+    return d
+
+
+@triton.jit
 def _chunk_point(p_ptrs, g_ptrs, m_ptrs, v_ptrs, backup_ptrs, mask, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
                  ST: tl.constexpr, KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr,
                  DECAY: tl.constexpr):  # fmt: skip
@@ -40,15 +57,7 @@ def _chunk_point(p_ptrs, g_ptrs, m_ptrs, v_ptrs, backup_ptrs, mask, lr, keep, b1
     if DECAY:
         p0 = p0 * keep
     g = load(g_ptrs, mask).to(ST)
-    if USE_MV or KIND == 2:
-        m = load(m_ptrs, mask)
-        d = div(m * b1 + omb1 * g, c1, ST)
-    else:
-        d = g
-    if ADAM:
-        v = load(v_ptrs, mask)
-        v = v * b2 + omb2 * g * g
-        d = div(d, sqrt(div(v, c2, ST), ST) + eps, ST)
+    d = direction(g, m_ptrs, v_ptrs, mask, b1, omb1, b2, omb2, c1, c2, eps, ST, USE_MV or KIND == 2, ADAM)
     store(p_ptrs, rounded(p0 - lr * d, p_ptrs.dtype.element_ty), mask)
     if KIND == 0:
         return tl.sum(g * d, axis=0)

@@ -1,0 +1,36 @@
+"""Bookkeeping of the search without a backup (``SaLSA(keep_backup=False)``), for both backends.
+
+The parameters leave the step's starting point ``p0`` for ``p0 * (1 - decay) - lr_step * d`` and
+then move from trial to trial; ``bucket.lean_at`` remembers ``(momentum, lr_step, decay)`` of the
+point they are at, so a further trial is one move ``p -= (lr_new - lr_old) * d`` and going back
+is ``p = (p + lr_step * d) / (1 - decay)``. Each backend provides the move itself, as
+``move(b, mode=..., momentum=..., s=..., decay=..., h=...)`` with one of the modes below; the
+bookkeeping is updated only after a move succeeded, so a move that raises leaves it true.
+"""
+
+from __future__ import annotations
+
+FIRST, MOVE, RESTORE = 0, 1, 2  # p = p*(1-decay) - s*d;  p = p - s*d;  p = (p + s*d) / (1-decay)
+
+
+def goto(move, b, *, momentum: bool, lr_step: float, decay: float, h) -> None:
+    """Move the bucket's parameters to ``p0 * (1 - decay) - lr_step * d``."""
+    at = b.lean_at
+    if at is None:
+        move(b, mode=FIRST, momentum=momentum, s=lr_step, decay=decay, h=h)
+    else:
+        was_momentum, lr_old, decay_old = at
+        if was_momentum != momentum or decay_old != decay:
+            raise RuntimeError("a search without a backup moves along one direction with one decay")
+        move(b, mode=MOVE, momentum=momentum, s=lr_step - lr_old, decay=0.0, h=h)
+    b.lean_at = (momentum, lr_step, decay)
+
+
+def restore(move, b, *, h) -> None:
+    """Back to ``p0`` (to a rounding per element per move made); drop the search's scratch."""
+    at = b.lean_at
+    if at is not None:
+        momentum, lr_step, decay = at
+        move(b, mode=RESTORE, momentum=momentum, s=lr_step, decay=decay, h=h)
+        b.lean_at = None
+    b.scratch.clear()
