@@ -15,7 +15,8 @@ bucket, in which parameter ``i`` occupies ``[offsets[i], offsets[i] + numel_i)``
   the parameter list against views of the flat buffers; the Triton kernels read a table of
   each parameter's address and flat offset (:mod:`salsa_fast.kernels.table`).
 
-Each parameter's region starts at an offset aligned to ``ALIGN_BYTES``; the padding between
+Each parameter's region starts at an offset aligned to ``ALIGN_BYTES`` (in a *lean* bucket,
+``keep_backup=False``, regions are packed without gaps: not a byte beyond Adam's); the padding between
 regions is zero in every buffer and stays zero under every update (a zero gradient gives a zero
 direction), so it never contributes to a reduction.
 """
@@ -78,7 +79,13 @@ class FlatBucket:
 
     sharded = False  # see ShardBucket
 
-    def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool):
+    @property
+    def work(self) -> dict[str, torch.Tensor]:
+        """Where a backend caches its small work tensors (partial sums): the workspace, or, in a
+        lean bucket, a throwaway dict, so that nothing outlives the step."""
+        return self.workspace if self.keep_work else {}
+
+    def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool, lean: bool = False):
         self.params = list(params)
         tensors = self.tensors()
         first = tensors[0]
@@ -87,7 +94,8 @@ class FlatBucket:
         self.dtype = first.dtype
         self.state_dtype = state_dtype_for(first.dtype)
 
-        align = max(1, ALIGN_BYTES // first.element_size())
+        # lean (keep_backup=False): not a byte beyond Adam's, so no padding between regions
+        align = 1 if lean else max(1, ALIGN_BYTES // first.element_size())
         self.offsets: list[int] = []
         total = 0
         for t in tensors:
@@ -104,7 +112,7 @@ class FlatBucket:
         # keep_backup=False: where the parameters are relative to the step's start p0, as
         # (momentum direction?, lr * step size, decay) of p = p0 * (1 - decay) - lr_step * d; None at p0
         self.lean_at: tuple[bool, float, float] | None = None
-        self.keep_work = True  # may backends keep work buffers between steps (False: Adam's memory)
+        self.keep_work = not lean  # may backends keep work buffers between steps (False: Adam's memory)
         self.scratch: dict[str, torch.Tensor] = {}
         self.workspace: dict[str, torch.Tensor] = {}
         self._views: dict[str, list[torch.Tensor]] = {}
@@ -227,11 +235,11 @@ class ShardBucket(FlatBucket):
     into the flat gradient buffer each step instead of accumulating into views.
     """
 
-    def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool):
+    def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool, lean: bool = False):
         from .distributed import is_sharded
 
         self.sharded = any(is_sharded(p) for p in params)
-        super().__init__(params, group_index, keep_second_moment)
+        super().__init__(params, group_index, keep_second_moment, lean)
 
     def tensors(self) -> list[torch.Tensor]:
         return [p._local_tensor for p in self.params]

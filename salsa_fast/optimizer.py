@@ -245,7 +245,7 @@ class SaLSA(Optimizer):
                     kind = ShardBucket if hasattr(p, "_local_tensor") else FlatBucket  # DTensor: its shard
                     by_key.setdefault((kind, p.device, p.dtype), []).append(p)
             for (kind, _, _), plist in by_key.items():
-                buckets.append(kind(plist, gi, keep_second_moment=self.direction == "adam"))
+                buckets.append(kind(plist, gi, keep_second_moment=self.direction == "adam", lean=not self.keep_backup))
 
         self.state.clear()
         with torch.no_grad():
@@ -263,8 +263,6 @@ class SaLSA(Optimizer):
         }
         self.state.update(self._parked)
 
-        for b in buckets:
-            b.keep_work = self.keep_backup
         self._buckets = buckets
         self._all_params = [p for g in self.param_groups for p in g["params"]]
         self._requires_grad = list(map(_requires_grad, self._all_params))

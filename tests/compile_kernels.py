@@ -92,14 +92,14 @@ def compile_all(archs: list[int]) -> list[dict]:
 # -- scenarios: which launches to make ---------------------------------------------------------
 
 
-def _bucket(dtype: torch.dtype, misaligned: bool, direction: str = "adam"):
+def _bucket(dtype: torch.dtype, misaligned: bool, direction: str = "adam", lean: bool = False,
+            sizes: tuple = (3000, 17, 1024)):  # fmt: skip
     from salsa_fast.flat import FlatBucket
 
-    sizes = [3000, 17, 1024]
     tensors = [torch.zeros(n, dtype=dtype) for n in sizes]
     if misaligned:
         tensors[1] = torch.zeros(18, dtype=dtype)[1:]
-    return FlatBucket([nn.Parameter(t) for t in tensors], 0, keep_second_moment=direction == "adam")
+    return FlatBucket([nn.Parameter(t) for t in tensors], 0, keep_second_moment=direction == "adam", lean=lean)
 
 
 def scenario_table() -> None:
@@ -118,7 +118,23 @@ def scenario_table() -> None:
             triton_ops.labpal_point(b, b.grad, count=1, momentum=0.0, scale=0.1, save_backup=True, write_buffer=False)
 
 
-SCENARIOS = {"table": scenario_table}
+def scenario_lean() -> None:
+    """keep_backup=False: the norm pass and the moves, and the plain step, on lean buckets
+    (packed without padding) whose flat offsets happen to be 16-element aligned and not."""
+    from salsa_fast.backends import Hyper, triton_ops
+
+    h = Hyper(0.9, 0.999, 1e-8, 0.5, 0.01, 7.0, "adam", False)
+    for dtype in (torch.float32, torch.bfloat16):
+        for sizes in ((3008, 1024, 16), (3000, 17, 1024)):
+            b = _bucket(dtype, False, lean=True, sizes=sizes)
+            triton_ops.plain_step(b, lr_step=0.1, decay=0.01, h=h, found_inf=None)
+            triton_ops.lean_norm(b, h=h)
+            triton_ops.lean_trial(b, lr_step=0.1, decay=0.01, h=h)
+            triton_ops.lean_trial(b, lr_step=0.05, decay=0.01, h=h)
+            triton_ops.lean_restore(b, h=h)
+
+
+SCENARIOS = {"table": scenario_table, "lean": scenario_lean}
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from helpers import digits, make_closure, max_abs_diff, mlp, next_step_searches,
 from torch import nn
 
 from salsa_fast import SaLSA
-from salsa_fast.flat import ALIGN_BYTES
 from salsa_fast.profiling import live_storages
 
 pytest.importorskip("salsa_fast.backends.triton_ops", reason="Triton is not installed")
@@ -100,16 +99,27 @@ def live_bytes(make_opt, steps=12) -> tuple[int, int]:
 
 
 def test_holds_adams_memory_between_steps():
-    """Adam keeps gradients and two moments; keep_backup=False the same (plus the flat buffers'
-    alignment padding and a 0-dim step tensor); the default also the backup and, on CPU, its
-    work buffers."""
+    """Adam keeps gradients and two moments (and a 0-dim step tensor per parameter);
+    keep_backup=False the same, packed without padding (and one 0-dim step tensor per bucket),
+    so not a byte more; the default also the backup and, on CPU, its work buffers."""
     adam, params = live_bytes(lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True))
     lean, _ = live_bytes(lambda ps: SaLSA(ps, keep_backup=False))
     default, _ = live_bytes(lambda ps: SaLSA(ps))
     assert adam >= 4 * params  # parameters, gradients, two moments
-    padding = 3 * ALIGN_BYTES * 4  # at most one alignment per flat buffer and parameter
-    assert lean <= adam + padding
+    assert lean <= adam
     assert default >= adam + params  # at least the backup
+
+
+def test_triton_backend_holds_adams_memory_and_its_table():
+    """The Triton backend keeps one thing more between steps: the kernels' parameter table
+    (3 int64 per chunk of 1024 elements, ~0.15% of Adam's bytes); no partial-sum buffers."""
+    adam, params = live_bytes(lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True))
+    opts = []
+    lean, _ = live_bytes(lambda ps: opts.append(SaLSA(ps, keep_backup=False, backend="triton")) or opts[-1])
+    table_bytes = sum(b.workspace["table"].rows.nbytes for b in opts[0]._buckets)
+    assert set().union(*(b.workspace for b in opts[0]._buckets)) == {"table"}
+    assert 0 < table_bytes < params * 4 * 0.0025
+    assert lean <= adam + table_bytes
 
 
 # -- failures mid-search -------------------------------------------------------------------------

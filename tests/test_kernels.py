@@ -19,12 +19,13 @@ from salsa_fast.flat import FlatBucket
 
 triton_ops = pytest.importorskip("salsa_fast.backends.triton_ops", reason="Triton is not installed")
 from salsa_fast.kernels import adam_step, reduce, search  # noqa: E402
+from salsa_fast.kernels.table import param_table  # noqa: E402
 
 
-def _bucket(dtype, direction="adam", seed=0):
+def _bucket(dtype, direction="adam", seed=0, lean=False):
     g = torch.Generator().manual_seed(seed)
     params = [nn.Parameter(torch.randn(s, generator=g).to(DEVICE, dtype)) for s in SHAPES]
-    b = FlatBucket(params, 0, keep_second_moment=direction == "adam")
+    b = FlatBucket(params, 0, keep_second_moment=direction == "adam", lean=lean)
     fill_regions(b, b.grad, torch.randn(b.numel, generator=g).to(DEVICE))
     fill_regions(b, b.exp_avg, torch.randn(b.numel, generator=g).to(DEVICE) * 0.1)
     if b.exp_avg_sq is not None:
@@ -37,8 +38,8 @@ def _hyper(direction="adam", use_mv=False, k=7):
     return Hyper(b1, b2, 1e-8, 1 - b1 ** (k + 1), 1 - b2 ** (k + 1), float(k + 1), direction, use_mv)
 
 
-def _pair(dtype, direction="adam"):
-    a = _bucket(dtype, direction)
+def _pair(dtype, direction="adam", lean=False):
+    a = _bucket(dtype, direction, lean=lean)
     return a, copy.deepcopy(a)
 
 
@@ -51,6 +52,18 @@ def _close_buckets(a, b, dtype):
 
 
 VARIANTS = [("adam", False), ("adam", True), ("sgd", False), ("sgd", True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_plain_step_on_a_lean_bucket(dtype):
+    """keep_backup=False packs regions without padding: the table kernels drop the flat-offset
+    alignment hint and stay right."""
+    a, b = _pair(dtype, lean=True)
+    assert param_table(a).f_align == 1 and a.numel == sum(p.numel() for p in a.params)
+    h = _hyper()
+    triton_ops.plain_step(a, lr_step=0.03, decay=0.01, h=h, found_inf=None)
+    torch_ops.plain_step(b, lr_step=0.03, decay=0.01, h=h, found_inf=None)
+    _close_buckets(a, b, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -110,8 +123,10 @@ def test_search_passes(dtype, direction, use_mv):
 def test_lean_search_passes(dtype, direction, use_mv):
     """keep_backup=False: the norm pass writes nothing; the first move and two further trials,
     the restore and the momentum point, each against the torch backend; the restore comes back
-    to the start within a few ulps of the largest point visited (one rounding per move)."""
-    a, b = _pair(dtype, direction)
+    to the start within a few ulps of the largest point visited (one rounding per move). The
+    buckets are lean ones: packed without padding, so flat offsets are not 16-element aligned."""
+    a, b = _pair(dtype, direction, lean=True)
+    assert param_table(a).f_align < 16
     h = _hyper(direction, use_mv)
     pre = param_values(a)
     pp_a, pp_b = triton_ops.lean_norm(a, h=h), torch_ops.lean_norm(b, h=h)
@@ -223,7 +238,6 @@ def _table_pair(dtype, special, direction="adam"):
 def test_table_kernels_reach_every_parameter(dtype, special):
     """Every table kernel over many odd-sized parameters (empty ones among them), one launch per
     pass, against the torch backend; the special parameter keeps its own layout and storage."""
-    from salsa_fast.kernels.table import param_table
 
     a, b = _table_pair(dtype, special)
     table = param_table(a)

@@ -24,7 +24,7 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
 
 def grad_probe(b: FlatBucket) -> torch.Tensor:
     """The gradient buffer's sum (fp32 partials): finite iff every gradient is."""
-    partials = reduce.partials_buffer(b.workspace, grid(b.numel)[0], b.state_dtype, b.device)
+    partials = reduce.partials_buffer(b.work, grid(b.numel)[0], b.state_dtype, b.device)
     return reduce.buffer_sum(b.grad, partials)
 
 

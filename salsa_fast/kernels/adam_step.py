@@ -38,10 +38,10 @@ def _plain_step_kernel(
     p_base, rows_ptr, g_ptr, m_ptr, v_ptr, skip_ptr,
     lr_hi, lr_lo, keep_hi, keep_lo, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
     c1_hi, c1_lo, c2_hi, c2_lo, eps_hi, eps_lo,
-    ADAM: tl.constexpr, DECAY: tl.constexpr, HAS_SKIP: tl.constexpr, P_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+    ADAM: tl.constexpr, DECAY: tl.constexpr, HAS_SKIP: tl.constexpr, P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     ST: tl.constexpr = m_ptr.dtype.element_ty
-    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, BLOCK)
+    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     run = True
     if HAS_SKIP:
         run = tl.load(skip_ptr) == 0

@@ -66,10 +66,10 @@ def _chunk_update(p_ptrs, src_ptrs, buf_ptrs, mask, count, mom, c, ST: tl.conste
 def _update_kernel(
     p_base, rows_ptr, src_ptr, buf_ptr, coef_ptr, ok_ptr, count_hi, count_lo, mom_hi, mom_lo, s_hi, s_lo,
     AVERAGE: tl.constexpr, MOMENTUM: tl.constexpr, HAS_COEF: tl.constexpr, HAS_OK: tl.constexpr,
-    P_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+    P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     ST: tl.constexpr = buf_ptr.dtype.element_ty
-    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, BLOCK)
+    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     run = True
     if HAS_OK:
         run = tl.load(ok_ptr) != 0
@@ -103,10 +103,10 @@ def _chunk_point(p_ptrs, backup_ptrs, src_ptrs, buf_ptrs, mask, count, mom, c, S
 def _point_kernel(
     p_base, rows_ptr, backup_ptr, src_ptr, buf_ptr, count_hi, count_lo, mom_hi, mom_lo, s_hi, s_lo,
     SAVE: tl.constexpr, WRITE_BUF: tl.constexpr, AVERAGE: tl.constexpr, MOMENTUM: tl.constexpr,
-    P_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+    P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     ST: tl.constexpr = buf_ptr.dtype.element_ty
-    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, BLOCK)
+    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     count, mom, c = scalar(count_hi, count_lo, ST), scalar(mom_hi, mom_lo, ST), scalar(s_hi, s_lo, ST)
     p, bk, src, buf = p_base + p_offs, backup_ptr + f_offs, src_ptr + f_offs, buf_ptr + f_offs
     if n == BLOCK:
@@ -123,9 +123,9 @@ def _flags(count: int, momentum: float) -> dict:
 def sums(b, src: torch.Tensor, *, count: int, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(||D||^2, <d, D>)`` over the bucket, 0-dim fp64 device tensors."""
     n = b.numel
-    sq_partials = partials_buffer(b.workspace, grid(n)[0], b.state_dtype, b.device, "labpal_sq")
+    sq_partials = partials_buffer(b.work, grid(n)[0], b.state_dtype, b.device, "labpal_sq")
     # without momentum <d, D> is ||D||^2: no second buffer (the kernel gets a pointer it never uses)
-    dot_partials = partials_buffer(b.workspace, grid(n)[0], b.state_dtype, b.device, "labpal_dot") if momentum else sq_partials
+    dot_partials = partials_buffer(b.work, grid(n)[0], b.state_dtype, b.device, "labpal_dot") if momentum else sq_partials
     if n:
         _sums_kernel[grid(n)](
             src, b.exp_avg, sq_partials, dot_partials, n, *split(count), *split(momentum),

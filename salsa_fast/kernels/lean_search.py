@@ -65,10 +65,10 @@ def _move_kernel(
     s_hi, s_lo, keep_hi, keep_lo, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
     c1_hi, c1_lo, c2_hi, c2_lo, eps_hi, eps_lo,
     MODE: tl.constexpr, MOMENTUM: tl.constexpr, ADAM: tl.constexpr, DECAY: tl.constexpr,
-    P_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+    P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     ST: tl.constexpr = m_ptr.dtype.element_ty
-    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, BLOCK)
+    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     s, keep = scalar(s_hi, s_lo, ST), scalar(keep_hi, keep_lo, ST)
     b1, omb1 = scalar(b1_hi, b1_lo, ST), scalar(omb1_hi, omb1_lo, ST)
     b2, omb2 = scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST)
@@ -90,7 +90,7 @@ def norm(b, *, h):
     """sum(g * direction) over the bucket (0-dim fp64), reading g, v (m) and writing nothing."""
     n = b.numel
     adam = h.direction == "adam"
-    partials = partials_buffer(b.workspace, grid(n)[0], b.state_dtype, b.device, "norm_partials")
+    partials = partials_buffer(b.work, grid(n)[0], b.state_dtype, b.device, "norm_partials")
     if n:
         _norm_kernel[grid(n)](
             b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, partials, n, *_moments(h),

@@ -71,14 +71,14 @@ def _search_point_kernel(
     lr_hi, lr_lo, keep_hi, keep_lo, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
     c1_hi, c1_lo, c2_hi, c2_lo, eps_hi, eps_lo,
     KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr, DECAY: tl.constexpr,
-    P_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+    P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Write ``p = backup*(1-decay) - lr * direction`` (KIND=FIRST also writes the backup from
     p and one partial of sum(g * direction) per chunk). The direction is built from the step's
     would-be moments: ``g * precond`` for a trial, ``mhat * precond`` with USE_MV or for the
     MOMENTUM point; precond is 1 for SGD."""
     ST: tl.constexpr = m_ptr.dtype.element_ty
-    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, BLOCK)
+    pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     lr, keep = scalar(lr_hi, lr_lo, ST), scalar(keep_hi, keep_lo, ST)
     b1, omb1 = scalar(b1_hi, b1_lo, ST), scalar(omb1_hi, omb1_lo, ST)
     b2, omb2 = scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST)
@@ -124,7 +124,7 @@ def _launch_point(b, kind: int, lr_step: float, decay: float, h, partials) -> No
 
 def first_pass(b, *, lr_step: float, decay: float, h):
     """Back up p, write the first trial, return sum(g * direction) as a 0-dim fp64 tensor."""
-    partials = partials_buffer(b.workspace, table.param_table(b).chunks, b.state_dtype, b.device, "chunk_partials")
+    partials = partials_buffer(b.work, table.param_table(b).chunks, b.state_dtype, b.device, "chunk_partials")
     _launch_point(b, FIRST, lr_step, decay, h, partials)
     return finish(partials)
 

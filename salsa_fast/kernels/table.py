@@ -13,7 +13,8 @@ one parameter (a chunk never straddles two tensors), holding
 
 A full chunk runs unmasked; its offsets carry the alignment hints (``tl.multiple_of``) that let
 the compiler emit 128-bit loads and stores: flat offsets are multiples of 16 elements (regions
-start at 128-byte boundaries), parameter offsets are multiples of ``16 bytes / element size``
+start at 128-byte boundaries; in a lean bucket, packed without gaps, of what they happen to be),
+parameter offsets are multiples of ``16 bytes / element size``
 when every parameter is 16-byte aligned (PyTorch allocates at 256 or more; a view at an odd
 offset may not be). When one is not, the whole bucket takes the unhinted variant. A parameter
 whose elements are not one dense run of memory (a strided view made a parameter) is *staged*:
@@ -25,6 +26,7 @@ The table is cached in ``bucket.workspace["table"]`` and rebuilt when a paramete
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +46,7 @@ class ParamTable:
     rows: torch.Tensor  # (chunks, ROW) int64, on the bucket's device
     chunks: int
     p_align: int  # elements every parameter offset is a multiple of (1: no hint)
+    f_align: int  # elements every flat offset is a multiple of (16, less in a lean bucket)
     staged: list[tuple[torch.Tensor, torch.Tensor]]  # (parameter, its contiguous stand-in)
 
     def stage_in(self) -> None:
@@ -86,28 +89,32 @@ def _build(b) -> ParamTable:
         n = t.numel()
         rows += [(delta + c, offset + c, min(BLOCK, n - c)) for c in range(0, n, BLOCK)]
     rows_t = torch.tensor(rows or [(0, 0, 0)], dtype=torch.int64).to(b.device)
-    return ParamTable(base, rows_t, len(rows), max(1, VECTOR_BYTES // esize) if aligned else 1, staged)
+    p_align = max(1, VECTOR_BYTES // esize) if aligned else 1
+    f_align = math.gcd(16, *(offset for offset, t in zip(b.offsets, targets) if t.numel()))
+    return ParamTable(base, rows_t, len(rows), p_align, f_align, staged)
 
 
 @torch.no_grad()
 def launch(kernel, b, *args, writes: bool, **meta) -> None:
-    """``kernel[(chunks,)](base, rows, *args, P_ALIGN=..., BLOCK=..., **meta)`` over the bucket's
+    """``kernel[(chunks,)](base, rows, *args, P_ALIGN=..., F_ALIGN=..., BLOCK=..., **meta)`` over the bucket's
     parameter table, staging the parameters that need it."""
     table = param_table(b)
     if table.chunks == 0:
         return
     table.stage_in()
-    kernel[(table.chunks,)](table.base, table.rows, *args, P_ALIGN=table.p_align, BLOCK=BLOCK, **meta)
+    kernel[(table.chunks,)](
+        table.base, table.rows, *args, P_ALIGN=table.p_align, F_ALIGN=table.f_align, BLOCK=BLOCK, **meta
+    )
     if writes:
         table.stage_out()
 
 
 @triton.jit
-def chunk(rows_ptr, P_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+def chunk(rows_ptr, P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     """This program's chunk: (program id, parameter offsets, flat offsets, length)."""
     pid = tl.program_id(0).to(tl.int64)
     row = rows_ptr + pid * 3
     p_start = tl.multiple_of(tl.load(row), P_ALIGN)
-    f_start = tl.multiple_of(tl.load(row + 1), 16)
+    f_start = tl.multiple_of(tl.load(row + 1), F_ALIGN)
     lanes = tl.arange(0, BLOCK)
     return pid, p_start + lanes, f_start + lanes, tl.load(row + 2)
