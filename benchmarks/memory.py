@@ -1,5 +1,5 @@
-"""Memory between steps: Adam, SaLSA and SaLSA(keep_backup=False); and what the lean mode costs
-in rounding.
+"""Memory between steps: Adam, SaLSA and SaLSA(keep_backup=False) (and SGD with momentum, LABPAL
+and LABPAL(keep_backup=False)); and what the lean mode costs in rounding.
 
 Memory: each optimizer trains a digits MLP (default 64-1024-1024-10, 1.13M parameters) from the
 same weights on the same batches; after the last step the script counts the bytes of every
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import workloads  # noqa: E402
 
-from salsa_fast import SaLSA  # noqa: E402
+from salsa_fast import LABPAL, SaLSA  # noqa: E402
 from salsa_fast.profiling import live_storages  # noqa: E402
 
 OPTIMIZERS = {
@@ -39,7 +39,15 @@ OPTIMIZERS = {
     "adam_fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
     "salsa_fast": lambda ps: SaLSA(ps),
     "salsa_fast_lean": lambda ps: SaLSA(ps, keep_backup=False),
+    # LABPAL's neighbour is SGD with momentum; it also keeps a gradient sum over its batches
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+    "labpal": lambda ps: LABPAL(ps, momentum=0.9, training_set_size=1797, batch_size=128),
+    "labpal_lean": lambda ps: LABPAL(ps, momentum=0.9, training_set_size=1797, batch_size=128, keep_backup=False),
 }
+
+
+# what each row is compared with: Adam for SaLSA, SGD with momentum for LABPAL
+BASELINE = {name: "sgd_momentum" if name.startswith(("sgd", "labpal")) else "adam_foreach" for name in OPTIMIZERS}
 
 
 def measure(name: str, device: torch.device, width: int, steps: int) -> dict:
@@ -112,13 +120,16 @@ def markdown(env: dict, memory: list[dict], drifts: list[dict], width: int, step
         f"digits MLP 64-{width}-{width}-10 ({params / 1e6:.2f}M parameters, {adam['param_bytes'] / 2**20:.2f} MiB), "
         f"{steps} steps; {env['device_name']}, torch {env['torch']}, {env['date']}",
         "",
-        "| optimizer | live MiB | vs Adam(foreach) | over Adam, bytes | x parameter bytes |"
+        "| optimizer | live MiB | baseline | vs baseline | over baseline, bytes | x parameter bytes |"
         + (" peak MiB |" if "peak_bytes" in adam else ""),
-        "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if "peak_bytes" in adam else ""),
+        "| --- | ---: | --- | ---: | ---: | ---: |" + (" ---: |" if "peak_bytes" in adam else ""),
     ]
+    by_name = {r["optimizer"]: r for r in memory}
     for r in memory:
-        row = (f"| {r['optimizer']} | {r['live_bytes'] / 2**20:.2f} | {r['live_bytes'] / adam['live_bytes']:.3f}x | "
-               f"{r['live_bytes'] - adam['live_bytes']:+,d} | {r['live_bytes'] / r['param_bytes']:.3f} |")  # fmt: skip
+        base = by_name[BASELINE[r["optimizer"]]]
+        row = (f"| {r['optimizer']} | {r['live_bytes'] / 2**20:.2f} | {base['optimizer']} | "
+               f"{r['live_bytes'] / base['live_bytes']:.3f}x | {r['live_bytes'] - base['live_bytes']:+,d} | "
+               f"{r['live_bytes'] / r['param_bytes']:.3f} |")  # fmt: skip
         if "peak_bytes" in r:
             row += f" {r['peak_bytes'] / 2**20:.2f} |"
         lines.append(row)
@@ -144,10 +155,12 @@ def plot(memory: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     names = [r["optimizer"] for r in memory]
-    ax.barh(names, [r["live_bytes"] / 2**20 for r in memory], color=["#888", "#888", "#c44", "#4a4"])
-    ax.axvline(memory[0]["param_bytes"] * 4 / 2**20, color="k", lw=0.8, ls=":", label="4 x parameters")
+    colors = ["#4a4" if n.endswith("_lean") else "#888" if BASELINE[n] == n or n == "adam_fused" else "#c44" for n in names]
+    ax.barh(names, [r["live_bytes"] / 2**20 for r in memory], color=colors)
+    for k, ls in ((4, ":"), (3, "--")):
+        ax.axvline(memory[0]["param_bytes"] * k / 2**20, color="k", lw=0.8, ls=ls, label=f"{k} x parameters")
     ax.set_xlabel("live tensor MiB between steps")
     ax.legend(loc="lower right", fontsize=8)
     ax.invert_yaxis()

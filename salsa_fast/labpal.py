@@ -112,6 +112,9 @@ class LABPAL(Optimizer):
         fit: ``"reference"`` (the reference's effective step) or ``"exact"``.
         backend: ``"auto"`` (Triton kernels on CUDA, torch ops elsewhere), ``"triton"`` or
             ``"torch"``, as for SaLSA.
+        keep_backup: ``True`` keeps a copy of the parameters while measuring and writes each
+            point on the line from it. ``False`` keeps none: the parameters move from point to
+            point along ``D`` and back, one rounding per element per move (as SaLSA's).
         cap_sgd_updates: ``mode="sgd"`` only: no update is longer than the step in use, i.e.
             the rate applied is ``min(learning_rate, step_size / ||D||)``. The reference has no
             cap (``False`` gives its updates): its learning rate is a step measured at one
@@ -149,6 +152,7 @@ class LABPAL(Optimizer):
         fit: str = "reference",
         cap_sgd_updates: bool = True,
         backend: str = "auto",
+        keep_backup: bool = True,
     ):
         mode = mode.lower()
         _check(mode in ("nsgd", "sgd"), "mode", mode, "must be 'nsgd' or 'sgd'")
@@ -165,6 +169,7 @@ class LABPAL(Optimizer):
         _check(fit in ("reference", "exact"), "fit", fit, "must be 'reference' or 'exact'")
         _check(isinstance(cap_sgd_updates, bool), "cap_sgd_updates", cap_sgd_updates, "must be a bool")
         _check(backend in backends.NAMES, "backend", backend, f"must be one of {backends.NAMES}")
+        _check(isinstance(keep_backup, bool), "keep_backup", keep_backup, "must be a bool")
         try:
             schedule = sorted((int(t), float(m)) for t, m in batch_size_schedule)
         except (TypeError, ValueError):
@@ -187,6 +192,7 @@ class LABPAL(Optimizer):
         self.fit = fit
         self.cap_sgd_updates = cap_sgd_updates
         self.backend_name = backend
+        self.keep_backup = keep_backup
         self._ready = False
         super().__init__(params, dict(lr=1.0))
         self._scalars = _Scalars()
@@ -217,7 +223,7 @@ class LABPAL(Optimizer):
             for p in group["params"]:
                 if p.requires_grad:
                     by_key.setdefault((p.device, p.dtype), []).append(p)
-            buckets += [FlatBucket(ps, gi, keep_second_moment=False) for ps in by_key.values()]
+            buckets += [FlatBucket(ps, gi, keep_second_moment=False, lean=not self.keep_backup) for ps in by_key.values()]
         if not buckets:
             raise ValueError("LABPAL got no parameters that require grad")
         self.state.clear()
@@ -482,12 +488,12 @@ class LABPAL(Optimizer):
         norm = self._line_norm
         l0 = _nanmean([loss for _, _, loss in self._measurement])
         self._saved_buckets = 0  # buckets whose backup holds theta0 (the first point saves it)
+        self._line_at = [0.0] * len(self._buckets)  # keep_backup=False: each bucket at theta0 - at * D
         try:
             l1 = self._losses_at(H, norm, first=True)
             l2 = self._losses_at(self.sample_step, norm)
         except BaseException:  # a closure (or a pass) raised: back to theta0, measure again next call
-            for b in self._buckets[: self._saved_buckets]:
-                b.copy_params_from(b.backup)
+            self._back_to_theta0()
             self._start_measurement()
             raise
         a, b_slope, step = parabola_step((l0, l1, l2), H, self.sample_step, self.fit)
@@ -505,16 +511,18 @@ class LABPAL(Optimizer):
         else:
             s.rejected += 1
         if s.step is None:  # nothing accepted yet: back to theta0, measure again
-            for b in self._buckets:
-                b.copy_params_from(b.backup)
+            self._back_to_theta0()
             self._start_measurement()
             return
         # the measurement ends with a step of the averaged length from theta0 along the unit
         # direction, written in one pass (the momentum buffer becomes the direction)
-        for b in self._buckets:
+        for i, b in enumerate(self._buckets):
             lr = float(self.param_groups[b.group_index]["lr"])
-            self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
-                                       scale=s.step / norm * lr, save_backup=False, write_buffer=True)  # fmt: skip
+            if self.keep_backup:
+                self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
+                                           scale=s.step / norm * lr, save_backup=False, write_buffer=True)  # fmt: skip
+            else:
+                self._move_on_line(i, s.step / norm * lr, write_buffer=True)
         s.updates += 1
         s.since_measurement = 0
         s.measuring = False
@@ -522,12 +530,34 @@ class LABPAL(Optimizer):
         for b in self._buckets:
             self._acc(b).zero_()
 
+    def _move_on_line(self, i: int, scale: float, write_buffer: bool = False) -> None:
+        """keep_backup=False: bucket ``i`` to ``theta0 - scale * D`` from where it is on the line,
+        one rounding per element (``write_buffer``: the momentum buffer becomes ``D``)."""
+        b, s = self._buckets[i], self._scalars
+        self._backend.labpal_update(b, self._source(b), count=s.k, momentum=self.momentum,
+                                    scale=scale - self._line_at[i], coef=None, ok=None, write_buffer=write_buffer)  # fmt: skip
+        self._line_at[i] = scale
+
+    def _back_to_theta0(self) -> None:
+        """The parameters back where the measurement started (without a backup: to a rounding
+        per element per move)."""
+        if self.keep_backup:
+            for b in self._buckets[: self._saved_buckets]:
+                b.copy_params_from(b.backup)
+            return
+        for i, at in enumerate(self._line_at):
+            if at:
+                self._move_on_line(i, 0.0)
+
     def _losses_at(self, x: float, norm: float, first: bool = False) -> float:
         """Mean loss of the stored closures at ``theta0 - x * D / ||D||`` (NaNs skipped). The
         line is the unscaled direction: group ``lr`` multipliers scale updates, not measurements.
         ``first``: the parameters are still at ``theta0``; save them as the backup on the way."""
         s = self._scalars
-        for b in self._buckets:
+        for i, b in enumerate(self._buckets):
+            if not self.keep_backup:
+                self._move_on_line(i, x / norm)
+                continue
             self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
                                        scale=x / norm, save_backup=first, write_buffer=False)  # fmt: skip
             self._saved_buckets += first

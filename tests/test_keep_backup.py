@@ -11,7 +11,7 @@ import torch
 from helpers import digits, make_closure, max_abs_diff, mlp, next_step_searches, train
 from torch import nn
 
-from salsa_fast import SaLSA
+from salsa_fast import LABPAL, SaLSA
 from salsa_fast.profiling import live_storages
 
 pytest.importorskip("salsa_fast.backends.triton_ops", reason="Triton is not installed")
@@ -203,3 +203,85 @@ def test_keep_backup_is_checked():
         SaLSA(mlp().parameters(), keep_backup="no")
     with pytest.raises(ValueError, match="keep_backup"):
         SaLSA([{"params": list(mlp().parameters()), "keep_backup": False}])
+
+
+# -- LABPAL ------------------------------------------------------------------------------------
+
+LABPAL_DIGITS = dict(training_set_size=1797, batch_size=64, reuse_steps=60, warmup_updates=40, max_step_size=0.2)
+LABPAL_CASES = [
+    dict(mode="nsgd"),
+    dict(mode="sgd", momentum=0.5),
+    dict(mode="nsgd", momentum=0.5, batch_size_schedule=((0, 1), (150, 40))),  # k becomes 3
+]
+
+
+@pytest.mark.parametrize("options", LABPAL_CASES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_labpal_same_decisions_as_the_default(options, backend):
+    """LABPAL(keep_backup=False) moves along the measured line and back instead of writing each
+    point from a copy: in float64, the same closure calls, steps and parameters to ~1e-13."""
+    steps = 300 if backend == "torch" else 130
+    a, b = mlp(torch.float64), mlp(torch.float64)
+    groups_a = [{"params": list(a.parameters())[:2], "lr": 0.5}, {"params": list(a.parameters())[2:]}]
+    groups_b = [{"params": list(b.parameters())[:2], "lr": 0.5}, {"params": list(b.parameters())[2:]}]
+    fast = LABPAL(groups_a, backend=backend, **LABPAL_DIGITS, **options)
+    lean = LABPAL(groups_b, backend=backend, keep_backup=False, **LABPAL_DIGITS, **options)
+    ra = train(a, fast, steps, dtype=torch.float64)
+    rb = train(b, lean, steps, dtype=torch.float64)
+    assert ra.calls == rb.calls
+    assert lean.stats["measurements"] >= 2
+    assert lean.step_size == pytest.approx(fast.step_size, rel=1e-9)
+    assert max_abs_diff(a, b) <= 1e-9
+    assert all(bk.backup is None for bk in lean._buckets)
+
+
+def test_labpal_holds_no_backup_between_steps():
+    """The default keeps the measurement's copy of the parameters; keep_backup=False does not
+    (both keep the gradient sum and the momentum buffer the algorithm needs)."""
+    opts = {}
+
+    def make(keep):
+        return lambda ps: opts.setdefault(keep, LABPAL(ps, keep_backup=keep, **LABPAL_DIGITS))
+
+    default, params = live_bytes(make(True), steps=12)
+    lean, _ = live_bytes(make(False), steps=12)
+    assert opts[True].stats["measurements"] >= 1 and opts[False].stats["measurements"] >= 1
+    assert lean <= default - params
+    # parameters, gradients, momentum buffer, gradient sum; and the measurement's stored
+    # closures, each holding its batch's 64 int64 indices
+    assert lean <= 4 * params + 12 * 64 * 8
+
+
+@pytest.mark.parametrize("failure_at", [2, 3])  # the first line point, the second
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_labpal_closure_raising_on_the_line_returns_to_theta0(failure_at, backend):
+    model = mlp(torch.float64)
+    params = list(model.parameters())
+    opt = LABPAL([{"params": params[:2], "lr": 0.5}, {"params": params[2:]}], keep_backup=False,
+                 backend=backend, momentum=0.5, **LABPAL_DIGITS)  # fmt: skip
+    train(model, opt, 9, dtype=torch.float64)  # nine of the first measurement's ten calls
+    theta0 = [p.detach().clone() for p in params]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    x, y = digits(torch.float64)
+    calls = [0]
+
+    def closure(backwards=False):
+        calls[0] += 1
+        if calls[0] == failure_at:
+            raise KeyboardInterrupt
+        return nn.functional.cross_entropy(model(x[:64]), y[:64])
+
+    opt.zero_grad()
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    for p, q in zip(params, theta0):
+        torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-16)  # back, to a rounding per move
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(params, momentum))
+    assert opt.measuring and opt.stats["measurements"] == 0
+    run = train(model, opt, 10, dtype=torch.float64, start=10, rng_seed=None)  # measures afresh
+    assert run.calls[-1] == 30 and opt.stats["measurements"] == 1
+
+
+def test_labpal_keep_backup_is_checked():
+    with pytest.raises(ValueError, match="keep_backup"):
+        LABPAL(mlp().parameters(), keep_backup=1)

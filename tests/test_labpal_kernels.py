@@ -23,10 +23,10 @@ from salsa_fast.kernels import labpal as labpal_kernels  # noqa: E402
 PASSES = [(1, 0.0), (3, 0.0), (1, 0.9), (3, 0.9)]  # (batches in the gradient sum, momentum)
 
 
-def _pair(dtype, count, seed=0):
+def _pair(dtype, count, seed=0, lean=False):
     g = torch.Generator().manual_seed(seed)
     params = [nn.Parameter(torch.randn(s, generator=g).to(DEVICE, dtype)) for s in SHAPES]
-    b = FlatBucket(params, 0, keep_second_moment=False)
+    b = FlatBucket(params, 0, keep_second_moment=False, lean=lean)
     fill_regions(b, b.grad, torch.randn(b.numel, generator=g).to(DEVICE))
     fill_regions(b, b.exp_avg, torch.randn(b.numel, generator=g).to(DEVICE) * 0.1)
     b.workspace["acc"] = torch.zeros(b.numel, dtype=b.state_dtype, device=DEVICE)
@@ -63,6 +63,20 @@ def test_update(dtype, count, momentum, device_rate):
     coef = torch.tensor(0.37, dtype=torch.float64, device=DEVICE) if device_rate else None
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
         ops.labpal_update(bucket, _src(bucket, count), count=count, momentum=momentum, scale=0.6, coef=coef, ok=None)
+    _close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("count", [1, 3])
+def test_move_along_the_line_leaves_the_buffer(dtype, count):
+    """LABPAL(keep_backup=False) moves with the update pass, ``write_buffer=False``: the momentum
+    buffer stays, on a lean (packed) bucket as on any."""
+    a, b = _pair(dtype, count, lean=True)
+    buf = a.exp_avg.clone()
+    for ops, bucket in ((triton_ops, a), (torch_ops, b)):
+        ops.labpal_update(bucket, _src(bucket, count), count=count, momentum=0.9, scale=0.3, coef=None, ok=None,
+                          write_buffer=False)  # fmt: skip
+        assert torch.equal(bucket.exp_avg, buf)
     _close(a, b, dtype)
 
 

@@ -326,9 +326,10 @@ def labpal_sums(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float
 
 @torch.no_grad()
 def labpal_update(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float, scale: float,
-                  coef: torch.Tensor | None, ok: torch.Tensor | None) -> None:  # fmt: skip
-    """``p -= scale * coef * D`` (``coef``: a 0-dim device tensor, or 1); with momentum the
-    buffer becomes ``D``. Where ``ok`` (a 0-dim device bool) is False nothing changes."""
+                  coef: torch.Tensor | None, ok: torch.Tensor | None, write_buffer: bool = True) -> None:  # fmt: skip
+    """``p -= scale * coef * D`` (``coef``: a 0-dim device tensor, or 1); with momentum and
+    ``write_buffer`` the buffer becomes ``D``. Where ``ok`` (a 0-dim device bool) is False
+    nothing changes."""
     _, D = _labpal_direction(b, src, count, momentum)
     if ok is not None:  # zero both factors: a non-finite rate times a zeroed D is still NaN
         D = torch.where(ok, D, torch.zeros((), dtype=D.dtype, device=b.device))
@@ -342,7 +343,7 @@ def labpal_update(b: FlatBucket, src: torch.Tensor, *, count: int, momentum: flo
         torch._foreach_addcmul_(p, D_views, [(coef * -scale).to(D.dtype)] * len(p))
     if widened is not None:
         b.copy_params_from(widened)
-    if momentum:
+    if momentum and write_buffer:
         b.exp_avg.copy_(D if ok is None else torch.where(ok, D, b.exp_avg))
 
 

@@ -8,6 +8,7 @@ bytes per fp32 parameter (no momentum; momentum adds 4 to each pass that reads `
 each that writes it):
 sums     reads src; one partial of sum(D*D) (and of sum(d*D)) per program       4 B
 update   reads p, src; writes p (and buf)                                        12 B
+         (LABPAL(keep_backup=False) moves along the measured line with it, buf left)
 point    reads backup (or p, then writes backup), src; writes p                 12 B (16 B)
 The torch backend's update builds ``D``, and for bf16/fp16 parameters an fp32 copy of them, in
 temporaries first.
@@ -54,11 +55,11 @@ def _sums_kernel(
 
 @triton.jit
 def _chunk_update(p_ptrs, src_ptrs, buf_ptrs, mask, count, mom, c, ST: tl.constexpr, AVERAGE: tl.constexpr,
-                  MOMENTUM: tl.constexpr):  # fmt: skip
+                  MOMENTUM: tl.constexpr, WRITE_BUF: tl.constexpr):  # fmt: skip
     _, D = _direction(src_ptrs, buf_ptrs, mask, count, mom, ST, AVERAGE, MOMENTUM)
     p = load(p_ptrs, mask).to(ST) - c * D
     store(p_ptrs, rounded(p, p_ptrs.dtype.element_ty), mask)
-    if MOMENTUM:
+    if WRITE_BUF:
         store(buf_ptrs, D, mask)
 
 
@@ -66,7 +67,7 @@ def _chunk_update(p_ptrs, src_ptrs, buf_ptrs, mask, count, mom, c, ST: tl.conste
 def _update_kernel(
     p_base, rows_ptr, src_ptr, buf_ptr, coef_ptr, ok_ptr, count_hi, count_lo, mom_hi, mom_lo, s_hi, s_lo,
     AVERAGE: tl.constexpr, MOMENTUM: tl.constexpr, HAS_COEF: tl.constexpr, HAS_OK: tl.constexpr,
-    P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_BUF: tl.constexpr, P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     ST: tl.constexpr = buf_ptr.dtype.element_ty
     pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
@@ -80,9 +81,9 @@ def _update_kernel(
             c = tl.load(coef_ptr).to(ST) * c
         p, src, buf = p_base + p_offs, src_ptr + f_offs, buf_ptr + f_offs
         if n == BLOCK:
-            _chunk_update(p, src, buf, None, count, mom, c, ST, AVERAGE, MOMENTUM)
+            _chunk_update(p, src, buf, None, count, mom, c, ST, AVERAGE, MOMENTUM, WRITE_BUF)
         else:
-            _chunk_update(p, src, buf, tl.arange(0, BLOCK) < n, count, mom, c, ST, AVERAGE, MOMENTUM)
+            _chunk_update(p, src, buf, tl.arange(0, BLOCK) < n, count, mom, c, ST, AVERAGE, MOMENTUM, WRITE_BUF)
 
 
 @triton.jit
@@ -136,12 +137,14 @@ def sums(b, src: torch.Tensor, *, count: int, momentum: float) -> tuple[torch.Te
 
 
 def update(b, src: torch.Tensor, *, count: int, momentum: float, scale: float,
-           coef: torch.Tensor | None, ok: torch.Tensor | None) -> None:  # fmt: skip
-    """``p -= scale * coef * D``; buf = D with momentum; nothing where ``ok`` is False."""
+           coef: torch.Tensor | None, ok: torch.Tensor | None, write_buffer: bool = True) -> None:  # fmt: skip
+    """``p -= scale * coef * D``; buf = D with momentum (and ``write_buffer``: a move along the
+    measured line without a backup leaves it); nothing where ``ok`` is False."""
     table.launch(
         _update_kernel, b, src, b.exp_avg, b.exp_avg if coef is None else coef,
         b.exp_avg if ok is None else ok.to(torch.int32), *split(count), *split(momentum), *split(scale),
-        writes=True, HAS_COEF=coef is not None, HAS_OK=ok is not None, **_flags(count, momentum),
+        writes=True, HAS_COEF=coef is not None, HAS_OK=ok is not None, WRITE_BUF=write_buffer and momentum != 0,
+        **_flags(count, momentum),
     )  # fmt: skip
 
 
