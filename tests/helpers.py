@@ -136,6 +136,17 @@ def make_closure(model, kind, idx, dtype, counter, device="cpu"):
     return closure
 
 
+def step_with(opt, closure) -> None:
+    """One step of a closure optimizer (SaLSA, LABPAL), or of a torch optimizer after one
+    gradient pass, the way each is meant to be driven."""
+    opt.zero_grad()
+    if isinstance(opt, torch.optim.Optimizer) and opt.__class__.__module__.startswith("torch."):
+        closure(backwards=True)
+        opt.step()
+    else:
+        opt.step(closure)
+
+
 def train(model, opt, steps, kind="digits", dtype=torch.float32, seed=1, start=0, batch=64, zero_grad=None, rng_seed=0):
     """Train ``steps`` steps (from batch number ``start``) and record closure calls per step.
 

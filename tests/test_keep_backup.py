@@ -8,7 +8,7 @@ mid-search, or a non-finite gradient, leaves the parameters where the step found
 
 import pytest
 import torch
-from helpers import digits, make_closure, max_abs_diff, mlp, next_step_searches, train
+from helpers import digits, make_closure, max_abs_diff, mlp, next_step_searches, step_with, train
 from torch import nn
 
 from salsa_fast import LABPAL, SaLSA
@@ -86,12 +86,7 @@ def live_bytes(make_opt, steps=12) -> tuple[int, int]:
     plan = torch.randint(0, 1797, (steps, 64), generator=torch.Generator().manual_seed(0))
     for idx in plan:
         closure = make_closure(model, "digits", idx, torch.float32, [0])
-        opt.zero_grad()
-        if isinstance(opt, torch.optim.Adam):
-            closure(backwards=True)
-            opt.step()
-        else:
-            opt.step(closure)
+        step_with(opt, closure)
     del closure
     after = live_storages()
     params = sum(p.numel() * p.element_size() for p in model.parameters())

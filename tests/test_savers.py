@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import batches, digits, make_closure, mlp
+from helpers import batches, digits, make_closure, mlp, step_with
 from torch import nn
 
 from salsa_fast import LABPAL, SaLSA
@@ -30,12 +30,7 @@ def _train(model, opt, steps=12):
     plan = batches(len(digits()[0]), steps)
     for idx in plan:
         closure = make_closure(model, "digits", idx, torch.float32, [0])
-        opt.zero_grad()
-        if isinstance(opt, torch.optim.Adam):
-            closure(backwards=True)
-            opt.step()
-        else:
-            opt.step(closure)
+        step_with(opt, closure)
 
 
 def _trained(name):
