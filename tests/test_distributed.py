@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import dist_workers
 import pytest
@@ -93,12 +94,30 @@ def test_fsdp2_sharded_parameters(tmp_path):
     assert _max_diff(results[0]["params"], model) <= 1e-4
 
 
+def _diagnosis(stderr: str) -> str:
+    """What a failed torchrun run said: the lines that name an error (the agent's report at the
+    end of stderr hides the rank's own message), then the tail."""
+    marks = ("what()", "Error", "error", "terminate", "Abort", "Exception")
+    named = [line for line in stderr.splitlines() if any(m in line for m in marks)]
+    return "\n".join(named[:30]) + "\n...\n" + stderr[-1500:]
+
+
 def test_torchrun_example(tmp_path):
-    """examples/ddp_digits.py, launched as the README says (torchrun, two CPU processes)."""
+    """examples/ddp_digits.py, launched as the README says (torchrun, two CPU processes).
+
+    A rank killed by a signal (SIGABRT, seen once in CI under heavy load, with the rank's own
+    message cut off) is run again once, with a warning that carries what it said."""
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "ddp_digits.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), example, "--steps", "30"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+
+    def run():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), example, "--steps", "30"]  # fmt: skip
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    done = run()
+    if done.returncode != 0 and "Signal 6 (SIGABRT)" in done.stderr:
+        warnings.warn(f"torchrun example: a rank aborted; running it again. It said:\n{_diagnosis(done.stderr)}")
+        done = run()
+    assert done.returncode == 0, _diagnosis(done.stderr)
     assert "ranks hold identical parameters: True" in done.stdout
     assert (tmp_path / "salsa_ddp_checkpoint.pt").exists()

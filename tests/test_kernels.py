@@ -268,6 +268,42 @@ def test_table_kernels_reach_every_parameter(dtype, special):
     assert [p.stride() for p in a.params] == strides
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lean_table_rows_of_several_blocks(dtype):
+    """A lean bucket (keep_backup=False) keeps its table off the device, rows of up to 16 blocks
+    each (a 2-D grid; programs past a parameter's end do nothing): the plain step, the lean norm
+    and moves, and LABPAL's update reach every element as the torch backend does."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [112 * 1024, 16 * 1024 + 1, 3]  # rows: 7 full, 1 full + 1 of one element, 1 short
+
+    def bucket():
+        params = [nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype))
+                  for n in sizes]  # fmt: skip
+        return FlatBucket(params, 0, keep_second_moment=True, lean=True)
+
+    a, b = bucket(), bucket()
+    fill_regions(a, a.grad, torch.randn(a.numel, generator=g).to(DEVICE))
+    fill_regions(a, a.exp_avg_sq, torch.rand(a.numel, generator=g).to(DEVICE) * 0.01)
+    b.grad.copy_(a.grad)
+    b.exp_avg_sq.copy_(a.exp_avg_sq)
+    table = param_table(a)
+    assert table.sub == 16 and table.device_rows is None
+    assert table.chunks == sum(-(-n // (16 * 1024)) for n in sizes)
+    h = _hyper()
+    for ops, bk in ((triton_ops, a), (torch_ops, b)):
+        ops.plain_step(bk, lr_step=0.03, decay=0.01, h=h, found_inf=None)
+    _close_buckets(a, b, dtype)
+    pp = [float(ops.lean_norm(bk, h=h)) for ops, bk in ((triton_ops, a), (torch_ops, b))]
+    assert pp[0] == pytest.approx(pp[1], rel=1e-5)
+    for ops, bk in ((triton_ops, a), (torch_ops, b)):
+        ops.lean_trial(bk, lr_step=0.2, decay=0.01, h=h)
+        ops.lean_trial(bk, lr_step=0.1, decay=0.01, h=h)
+    _close_buckets(a, b, dtype)
+    for ops, bk in ((triton_ops, a), (torch_ops, b)):
+        ops.labpal_update(bk, bk.grad, count=1, momentum=0.5, scale=0.3, coef=None, ok=None)
+    _close_buckets(a, b, dtype)
+
+
 # -- end to end -----------------------------------------------------------------------------------
 
 

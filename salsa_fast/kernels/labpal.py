@@ -80,7 +80,7 @@ def _update_kernel(
         if HAS_COEF:
             c = tl.load(coef_ptr).to(ST) * c
         p, src, buf = p_base + p_offs, src_ptr + f_offs, buf_ptr + f_offs
-        if n == BLOCK:
+        if n >= BLOCK:
             _chunk_update(p, src, buf, None, count, mom, c, ST, AVERAGE, MOMENTUM, WRITE_BUF)
         else:
             _chunk_update(p, src, buf, tl.arange(0, BLOCK) < n, count, mom, c, ST, AVERAGE, MOMENTUM, WRITE_BUF)
@@ -110,7 +110,7 @@ def _point_kernel(
     pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     count, mom, c = scalar(count_hi, count_lo, ST), scalar(mom_hi, mom_lo, ST), scalar(s_hi, s_lo, ST)
     p, bk, src, buf = p_base + p_offs, backup_ptr + f_offs, src_ptr + f_offs, buf_ptr + f_offs
-    if n == BLOCK:
+    if n >= BLOCK:
         _chunk_point(p, bk, src, buf, None, count, mom, c, ST, SAVE, WRITE_BUF, AVERAGE, MOMENTUM)
     else:
         mask = tl.arange(0, BLOCK) < n

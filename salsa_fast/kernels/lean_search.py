@@ -74,7 +74,7 @@ def _move_kernel(
     b2, omb2 = scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST)
     c1, c2, eps = scalar(c1_hi, c1_lo, ST), scalar(c2_hi, c2_lo, ST), scalar(eps_hi, eps_lo, ST)
     p, g, m, v = p_base + p_offs, g_ptr + f_offs, m_ptr + f_offs, v_ptr + f_offs
-    if n == BLOCK:
+    if n >= BLOCK:
         _chunk_move(p, g, m, v, None, s, keep, b1, omb1, b2, omb2, c1, c2, eps, ST, MODE, MOMENTUM, ADAM, DECAY)
     else:
         mask = tl.arange(0, BLOCK) < n

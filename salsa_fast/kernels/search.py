@@ -84,7 +84,7 @@ def _search_point_kernel(
     b2, omb2 = scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST)
     c1, c2, eps = scalar(c1_hi, c1_lo, ST), scalar(c2_hi, c2_lo, ST), scalar(eps_hi, eps_lo, ST)
     p, g, m, v, bk = p_base + p_offs, g_ptr + f_offs, m_ptr + f_offs, v_ptr + f_offs, backup_ptr + f_offs
-    if n == BLOCK:
+    if n >= BLOCK:
         part = _chunk_point(p, g, m, v, bk, None, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
                             ST, KIND, ADAM, USE_MV, DECAY)  # fmt: skip
     else:
@@ -124,7 +124,7 @@ def _launch_point(b, kind: int, lr_step: float, decay: float, h, partials) -> No
 
 def first_pass(b, *, lr_step: float, decay: float, h):
     """Back up p, write the first trial, return sum(g * direction) as a 0-dim fp64 tensor."""
-    partials = partials_buffer(b.work, table.param_table(b).chunks, b.state_dtype, b.device, "chunk_partials")
+    partials = partials_buffer(b.work, table.param_table(b).programs, b.state_dtype, b.device, "chunk_partials")
     _launch_point(b, FIRST, lr_step, decay, h, partials)
     return finish(partials)
 

@@ -21,7 +21,11 @@ whose elements are not one dense run of memory (a strided view made a parameter)
 copied into a contiguous tensor before a launch and back after a launch that writes it.
 
 The table is cached in ``bucket.workspace["table"]`` and rebuilt when a parameter moves
-(``FlatBucket.rebind`` drops it).
+(``FlatBucket.rebind`` drops it). It costs 24 bytes per row, kept on the device. A *lean* bucket
+(``keep_backup=False``, which promises Adam's memory) keeps none of it on the device: its rows
+stay on the host, pinned, and are copied in for each launch without a sync; to keep that copy
+short each row covers up to ``LEAN_SUB`` blocks (a 2-D grid, one program per block; programs
+past a parameter's end do nothing).
 """
 
 from __future__ import annotations
@@ -38,16 +42,31 @@ from ._common import BLOCK
 
 VECTOR_BYTES = 16  # one 128-bit access
 ROW = 3  # int64 entries per chunk: parameter offset, flat offset, length
+LEAN_SUB = 16  # most blocks per row in a lean bucket (keep_backup=False), see _blocks_per_row
 
 
 @dataclass
 class ParamTable:
     base: torch.Tensor  # the tensor the parameter offsets count from
-    rows: torch.Tensor  # (chunks, ROW) int64, on the bucket's device
-    chunks: int
+    chunks: int  # rows
+    sub: int  # programs per row, each one block of BLOCK elements (grid: (chunks, sub))
     p_align: int  # elements every parameter offset is a multiple of (1: no hint)
     f_align: int  # elements every flat offset is a multiple of (16, less in a lean bucket)
     staged: list[tuple[torch.Tensor, torch.Tensor]]  # (parameter, its contiguous stand-in)
+    device_rows: torch.Tensor | None  # (chunks, ROW) int64 on the bucket's device, kept; or
+    host_rows: torch.Tensor | bytearray | None  # in a lean bucket, kept off the device (pinned
+    # on CUDA; plain bytes for CPU tensors), copied or viewed for each launch without a sync
+
+    @property
+    def programs(self) -> int:
+        return self.chunks * self.sub
+
+    def rows(self) -> torch.Tensor:
+        if self.device_rows is not None:
+            return self.device_rows
+        if isinstance(self.host_rows, bytearray):  # (CPU tensors, the interpreter) a transient view
+            return torch.frombuffer(self.host_rows, dtype=torch.int64).view(-1, ROW)
+        return self.host_rows.to(self.base.device, non_blocking=True)
 
     def stage_in(self) -> None:
         for param, stand_in in self.staged:
@@ -83,27 +102,47 @@ def _build(b) -> ParamTable:
     if any((s - base.data_ptr()) % esize for s in starts):  # (never seen: element-misaligned views)
         raise RuntimeError("a parameter is not aligned to its element size; use backend='torch'")
     aligned = all(s % VECTOR_BYTES == 0 for s, t in zip(starts, targets) if t.numel())
+    sub = 1 if b.keep_work else _blocks_per_row([t.numel() for t in targets])
+    span = sub * BLOCK
     rows = []
     for start, t, offset in zip(starts, targets, b.offsets):
         delta = (start - base.data_ptr()) // esize
         n = t.numel()
-        rows += [(delta + c, offset + c, min(BLOCK, n - c)) for c in range(0, n, BLOCK)]
-    rows_t = torch.tensor(rows or [(0, 0, 0)], dtype=torch.int64).to(b.device)
+        rows += [(delta + c, offset + c, min(span, n - c)) for c in range(0, n, span)]
     p_align = max(1, VECTOR_BYTES // esize) if aligned else 1
     f_align = math.gcd(16, *(offset for offset, t in zip(b.offsets, targets) if t.numel()))
-    return ParamTable(base, rows_t, len(rows), p_align, f_align, staged)
+    rows_t = torch.tensor(rows or [(0, 0, 0)], dtype=torch.int64)
+    if b.keep_work:
+        return ParamTable(base, len(rows), sub, p_align, f_align, staged, rows_t.to(b.device), None)
+    if b.device.type == "cpu":  # no tensor storage between steps: bytes, viewed per launch
+        host = bytearray(rows_t.numpy().tobytes())
+    else:
+        host = rows_t.pin_memory() if torch.cuda.is_available() else rows_t
+    return ParamTable(base, len(rows), sub, p_align, f_align, staged, None, host)
+
+
+def _blocks_per_row(sizes: list[int]) -> int:
+    """Blocks per row for a lean bucket, whose rows are copied in for every launch: as many as
+    ``LEAN_SUB`` (a 16x shorter copy), as long as at most a quarter more programs run than
+    there are blocks (each parameter's last row may end early)."""
+    blocks = [-(-n // BLOCK) for n in sizes]
+    total = sum(blocks)
+    sub = LEAN_SUB
+    while sub > 1 and sum(-(-k // sub) for k in blocks) * sub > 1.25 * total:
+        sub //= 2
+    return sub
 
 
 @torch.no_grad()
 def launch(kernel, b, *args, writes: bool, **meta) -> None:
-    """``kernel[(chunks,)](base, rows, *args, P_ALIGN=..., F_ALIGN=..., BLOCK=..., **meta)`` over the bucket's
+    """``kernel[(chunks, sub)](base, rows, *args, P_ALIGN=..., F_ALIGN=..., BLOCK=..., **meta)`` over the bucket's
     parameter table, staging the parameters that need it."""
     table = param_table(b)
     if table.chunks == 0:
         return
     table.stage_in()
-    kernel[(table.chunks,)](
-        table.base, table.rows, *args, P_ALIGN=table.p_align, F_ALIGN=table.f_align, BLOCK=BLOCK, **meta
+    kernel[(table.chunks, table.sub)](
+        table.base, table.rows(), *args, P_ALIGN=table.p_align, F_ALIGN=table.f_align, BLOCK=BLOCK, **meta
     )
     if writes:
         table.stage_out()
@@ -111,10 +150,15 @@ def launch(kernel, b, *args, writes: bool, **meta) -> None:
 
 @triton.jit
 def chunk(rows_ptr, P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's chunk: (program id, parameter offsets, flat offsets, length)."""
-    pid = tl.program_id(0).to(tl.int64)
-    row = rows_ptr + pid * 3
-    p_start = tl.multiple_of(tl.load(row), P_ALIGN)
-    f_start = tl.multiple_of(tl.load(row + 1), F_ALIGN)
+    """This program's block: (program id, parameter offsets, flat offsets, length). Program
+    ``(r, j)`` takes block ``j`` of row ``r``; its length is ``<= 0`` past the row's end (every
+    lane masked off: it does nothing, and a partial sum it writes is 0). A block is full, to run
+    unmasked, when the length is ``>= BLOCK`` (in a row of several blocks, all but the last)."""
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    row = rows_ptr + r * 3
+    shift = j * BLOCK
+    p_start = tl.multiple_of(tl.load(row), P_ALIGN) + shift
+    f_start = tl.multiple_of(tl.load(row + 1), F_ALIGN) + shift
     lanes = tl.arange(0, BLOCK)
-    return pid, p_start + lanes, f_start + lanes, tl.load(row + 2)
+    return r * tl.num_programs(1) + j, p_start + lanes, f_start + lanes, tl.load(row + 2) - shift
