@@ -55,10 +55,10 @@ def _train_on_cuda(model, opt, steps, dtype):
     return calls
 
 
-def _up_to_a_non_search_step(backend="torch"):
+def _up_to_a_non_search_step(backend="torch", keep_backup=True):
     """A CUDA model and optimizer whose next step will not search; and that step's index."""
     model = mlp().cuda()
-    opt = SaLSA(model.parameters(), backend=backend)
+    opt = SaLSA(model.parameters(), backend=backend, keep_backup=keep_backup)
     step = 0
     while opt._scalars.step < 12 or next_step_searches(opt):
         opt.zero_grad()
@@ -68,16 +68,18 @@ def _up_to_a_non_search_step(backend="torch"):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_non_search_step_does_not_sync(backend):
-    model, opt, step = _up_to_a_non_search_step(backend)
+@pytest.mark.parametrize("keep_backup", [True, False])  # False: the table is copied in per launch
+def test_non_search_step_does_not_sync(backend, keep_backup):
+    model, opt, step = _up_to_a_non_search_step(backend, keep_backup)
     _step_without_syncs(opt, _cuda_closure(model, step))
     assert not opt.last_step.searched
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_search_step_syncs_once_plus_once_per_trial(backend):
+@pytest.mark.parametrize("keep_backup", [True, False])
+def test_search_step_syncs_once_plus_once_per_trial(backend, keep_backup):
     model = mlp().cuda()
-    opt = SaLSA(model.parameters(), backend=backend, init_step_size=100.0)  # forces backtracking
+    opt = SaLSA(model.parameters(), backend=backend, init_step_size=100.0, keep_backup=keep_backup)  # backtracks
     closure = _cuda_closure(model, 0)
     opt.step(closure)  # warm-up (kernel compilation, lazy allocations)
     opt.zero_grad()
@@ -127,7 +129,11 @@ def test_gpu_checkpoint_loads_on_cpu():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("options", [{}, dict(use_mv=True), dict(direction="sgd", init_step_size=0.1)], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [{}, dict(use_mv=True), dict(direction="sgd", init_step_size=0.1), dict(keep_backup=False, weight_decay=0.02)],
+    ids=str,
+)
 def test_cuda_matches_cpu_in_float64(options, backend):
     a, b = mlp(torch.float64), mlp(torch.float64).cuda()
     ra = train(a, SaLSA(a.parameters(), **options), 60, dtype=torch.float64)
