@@ -144,6 +144,12 @@ class FlatBucket:
             views = self._views[name] = self.views_of(getattr(self, name))
         return views
 
+    def end_search(self) -> None:
+        """The search is over (committed or undone): no trial point, no scratch."""
+        self.search_active = False
+        self.lean_at = None
+        self.scratch.clear()
+
     def ensure_backup(self) -> torch.Tensor:
         if self.backup is None:
             self.backup = torch.zeros(self.numel, dtype=self.dtype, device=self.device)

@@ -4,8 +4,9 @@ The parameters leave the step's starting point ``p0`` for ``p0 * (1 - decay) - l
 then move from trial to trial; ``bucket.lean_at`` remembers ``(momentum, lr_step, decay)`` of the
 point they are at, so a further trial is one move ``p -= (lr_new - lr_old) * d`` and going back
 is ``p = (p + lr_step * d) / (1 - decay)``. Each backend provides the move itself, as
-``move(b, mode=..., momentum=..., s=..., decay=..., h=...)`` with one of the modes below; the
-bookkeeping is updated only after a move succeeded, so a move that raises leaves it true.
+``move(b, mode=..., momentum=..., s=..., decay=..., h=...)`` with one of the modes below, and
+gets its three passes from :func:`passes`; the bookkeeping is updated only after a move
+succeeded, so a move that raises leaves it true.
 """
 
 from __future__ import annotations
@@ -32,5 +33,19 @@ def restore(move, b, *, h) -> None:
     if at is not None:
         momentum, lr_step, decay = at
         move(b, mode=RESTORE, momentum=momentum, s=lr_step, decay=decay, h=h)
-        b.lean_at = None
-    b.scratch.clear()
+    b.end_search()
+
+
+def passes(move):
+    """A backend's ``lean_trial``, ``lean_momentum_point`` and ``lean_restore`` over its move."""
+
+    def trial(b, *, lr_step: float, decay: float, h) -> None:
+        goto(move, b, momentum=False, lr_step=lr_step, decay=decay, h=h)
+
+    def momentum_point(b, *, lr_step: float, decay: float, h) -> None:
+        goto(move, b, momentum=True, lr_step=lr_step, decay=decay, h=h)
+
+    def back(b, *, h) -> None:
+        restore(move, b, h=h)
+
+    return trial, momentum_point, back

@@ -237,9 +237,7 @@ def search_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyp
 def search_commit(b: FlatBucket, *, h: Hyper) -> None:
     """The search is over: commit the moments, drop the scratch (``p`` stays where it is)."""
     _commit_moments(b, _in_state_dtype(b, b.grad, "g"), h)
-    b.scratch.clear()
-    b.search_active = False
-    b.lean_at = None
+    b.end_search()
 
 
 @torch.no_grad()
@@ -247,8 +245,7 @@ def search_abort(b: FlatBucket) -> None:
     """Undo a search step: ``p`` back to its pre-step value, moments untouched."""
     if b.search_active:
         b.copy_params_from(b.backup)
-    b.scratch.clear()
-    b.search_active = False
+    b.end_search()
 
 
 # -- the search without a backup (keep_backup=False) -------------------------------------------
@@ -294,16 +291,7 @@ def lean_move(b: FlatBucket, *, mode: int, momentum: bool, s: float, decay: floa
         b.copy_params_from(widened)
 
 
-def lean_trial(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
-    lean.goto(lean_move, b, momentum=False, lr_step=lr_step, decay=decay, h=h)
-
-
-def lean_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
-    lean.goto(lean_move, b, momentum=True, lr_step=lr_step, decay=decay, h=h)
-
-
-def lean_restore(b: FlatBucket, *, h: Hyper) -> None:
-    lean.restore(lean_move, b, h=h)
+lean_trial, lean_momentum_point, lean_restore = lean.passes(lean_move)
 
 
 # -- LABPAL's passes ---------------------------------------------------------------------------

@@ -44,30 +44,20 @@ def search_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyp
 
 def search_commit(b: FlatBucket, *, h: Hyper) -> None:
     search.commit(b, h=h)
-    b.search_active = False
-    b.lean_at = None
+    b.end_search()
 
 
 def search_abort(b: FlatBucket) -> None:
     if b.search_active:
         b.copy_params_from(b.backup)
-    b.search_active = False
+    b.end_search()
 
 
 # the search without a backup (see salsa_fast.backends.lean)
 lean_norm = lean_search.norm
 
 
-def lean_trial(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
-    lean.goto(lean_search.move, b, momentum=False, lr_step=lr_step, decay=decay, h=h)
-
-
-def lean_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
-    lean.goto(lean_search.move, b, momentum=True, lr_step=lr_step, decay=decay, h=h)
-
-
-def lean_restore(b: FlatBucket, *, h: Hyper) -> None:
-    lean.restore(lean_search.move, b, h=h)
+lean_trial, lean_momentum_point, lean_restore = lean.passes(lean_search.move)
 
 
 # LABPAL's passes (see salsa_fast.backends.torch_ops for their contracts)

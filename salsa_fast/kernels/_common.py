@@ -20,6 +20,13 @@ def split(x: float) -> tuple[float, float]:
     return hi, float(x - hi)
 
 
+def moment_args(h) -> tuple[float, ...]:
+    """The (high, low) pairs of SaLSA's moment constants, in the order the kernels take them:
+    beta1, 1 - beta1, beta2, 1 - beta2, the two bias corrections, eps."""
+    return (*split(h.beta1), *split(1 - h.beta1), *split(h.beta2), *split(1 - h.beta2),
+            *split(h.corr1), *split(h.corr2), *split(h.eps))  # fmt: skip
+
+
 @triton.jit
 def scalar(hi, lo, ST: tl.constexpr):
     """Rebuild a host scalar in the math dtype ``ST`` from its (high, low) pair."""

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import table
-from ._common import NUM_WARPS, div, load, rounded, scalar, split, sqrt, store
+from ._common import NUM_WARPS, div, load, moment_args, rounded, scalar, split, sqrt, store
 
 
 @triton.jit
@@ -65,7 +65,6 @@ def plain_step(b, *, lr_step: float, decay: float, h, found_inf=None) -> None:
     skip = found_inf if found_inf is not None else b.exp_avg  # unused without HAS_SKIP
     table.launch(
         _plain_step_kernel, b, b.grad, b.exp_avg, v, skip,
-        *split(lr_step), *split(1 - decay), *split(h.beta1), *split(1 - h.beta1),
-        *split(h.beta2), *split(1 - h.beta2), *split(h.corr1), *split(h.corr2), *split(h.eps),
+        *split(lr_step), *split(1 - decay), *moment_args(h),
         writes=True, ADAM=adam, DECAY=decay != 0, HAS_SKIP=found_inf is not None, num_warps=NUM_WARPS,
     )  # fmt: skip

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import table
-from ._common import BLOCK, NUM_WARPS, div, grid, load, offsets, rounded, scalar, split, store
+from ._common import BLOCK, NUM_WARPS, div, grid, load, moment_args, offsets, rounded, scalar, split, store
 from .reduce import finish, partials_buffer
 from .search import direction
 
@@ -81,11 +81,6 @@ def _move_kernel(
         _chunk_move(p, g, m, v, mask, s, keep, b1, omb1, b2, omb2, c1, c2, eps, ST, MODE, MOMENTUM, ADAM, DECAY)
 
 
-def _moments(h) -> tuple:
-    return (*split(h.beta1), *split(1 - h.beta1), *split(h.beta2), *split(1 - h.beta2),
-            *split(h.corr1), *split(h.corr2), *split(h.eps))  # fmt: skip
-
-
 def norm(b, *, h):
     """sum(g * direction) over the bucket (0-dim fp64), reading g, v (m) and writing nothing."""
     n = b.numel
@@ -93,7 +88,7 @@ def norm(b, *, h):
     partials = partials_buffer(b.work, grid(n)[0], b.state_dtype, b.device, "norm_partials")
     if n:
         _norm_kernel[grid(n)](
-            b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, partials, n, *_moments(h),
+            b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, partials, n, *moment_args(h),
             ADAM=adam, USE_MV=h.use_mv, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     return finish(partials)
@@ -105,6 +100,6 @@ def move(b, *, mode: int, momentum: bool, s: float, decay: float, h) -> None:
     adam = h.direction == "adam"
     table.launch(
         _move_kernel, b, b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg,
-        *split(s), *split(1 - decay), *_moments(h),
+        *split(s), *split(1 - decay), *moment_args(h),
         writes=True, MODE=mode, MOMENTUM=momentum or h.use_mv, ADAM=adam, DECAY=decay != 0, num_warps=NUM_WARPS,
     )  # fmt: skip

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import table
-from ._common import BLOCK, NUM_WARPS, div, grid, load, offsets, rounded, scalar, split, sqrt, store
+from ._common import BLOCK, NUM_WARPS, div, grid, load, moment_args, offsets, rounded, scalar, split, sqrt, store
 from .reduce import finish, partials_buffer
 
 FIRST, TRIAL, MOMENTUM = 0, 1, 2  # the point kinds of _search_point_kernel
@@ -116,8 +116,7 @@ def _launch_point(b, kind: int, lr_step: float, decay: float, h, partials) -> No
     table.launch(
         _search_point_kernel, b, b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, b.backup,
         partials if partials is not None else b.exp_avg,
-        *split(lr_step), *split(1 - decay), *split(h.beta1), *split(1 - h.beta1),
-        *split(h.beta2), *split(1 - h.beta2), *split(h.corr1), *split(h.corr2), *split(h.eps),
+        *split(lr_step), *split(1 - decay), *moment_args(h),
         writes=True, KIND=kind, ADAM=adam, USE_MV=h.use_mv, DECAY=decay != 0, num_warps=NUM_WARPS,
     )  # fmt: skip
 
