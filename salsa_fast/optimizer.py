@@ -2,9 +2,11 @@
 
 The per-element work (moments, directions, trial points, reductions) lives in the backends and
 runs once per flat buffer; this file only makes decisions, on host floats. What it costs in host
-syncs: none on a non-search step, one per search (the gradient-pass loss and the preconditioned
-norm, read together) and one per trial (its loss). On CPU tensors a "sync" is free, so there the
-non-search step also checks its gradient for non-finite values on the host.
+syncs: none on a non-search step, one per search (the gradient-pass loss, the preconditioned
+norm and the count of skips the device made, read together) and one per trial (its loss). A
+non-search step with a non-finite loss or gradient is skipped on the device; what the host
+counts of it waits for that next read (:mod:`salsa_fast.step_state`). On CPU tensors a "sync"
+is free, so there the host reads the count after every step.
 
 ``salsa_fast/reference.py`` is the readable per-parameter statement of the same algorithm; the
 tests hold this class to it.
@@ -28,6 +30,7 @@ from .closure import call_closure, check_closure, draw_seed
 from .distributed import agree_on_flag, agree_on_loss, agree_on_search, resolve_group
 from .flat import FlatBucket, ShardBucket
 from .profiling import annotate
+from .step_state import StepState
 
 __all__ = ["SaLSA", "SLS", "StepInfo", "SaLSAWarning"]
 
@@ -41,6 +44,12 @@ _GLOBAL_KEYS = frozenset(
 _MIN_LOSS = 1e-8  # below this |loss| (or smoothed norm) the criterion is meaningless
 _SLOW, _FAST = 0.99, 0.9  # smoothing of the two step-size averages behind the search interval
 _WARMUP_SEARCHES = 10  # steps 1..9 always search
+
+
+_NONFINITE = (
+    "non-finite loss or gradient: SaLSA skipped this step (parameters and state unchanged); "
+    "`optimizer.stats['skipped_steps']` counts such steps (on CUDA, as of the next search)"
+)
 
 
 class SaLSAWarning(UserWarning):
@@ -187,9 +196,10 @@ class SaLSA(Optimizer):
         self._last = StepInfo(step_size=self.init_step_size)
         self._warned: set[str] = set()
         self._in_search = False
-        # CUDA non-search steps skip non-finite gradients on the device; their count waits here
-        # and is read with the next search's one sync (or by state_dict()).
-        self._pending_skips: torch.Tensor | None = None
+        # The per-step numbers the kernels read on each device (salsa_fast.step_state); on CUDA
+        # the count of skipped non-search steps waits there for the next search's one sync.
+        self._step_states: dict[torch.device, StepState] = {}
+        self._unread_skips = False  # a non-search step ran since the host last read that count
         self._scaler = ScalerLink(grad_scaler, self) if grad_scaler is not None else None
         self._preserved: list[nn.Module] = []
         self._repack()
@@ -233,6 +243,8 @@ class SaLSA(Optimizer):
         Parameters that stop requiring grad leave the buffers; their moments are parked (and
         saved in state_dict) until they are unfrozen, as torch's optimizers keep them.
         """
+        if self._ready:
+            self._fold_pending_skips()  # (the counts live with the devices, which may change)
         # the state entries are views made at the last repack, with the layout the parameters had
         # then: they read each element right even after a parameter changed its strides
         old_state = dict(self.state)
@@ -268,6 +280,16 @@ class SaLSA(Optimizer):
         self._requires_grad = list(map(_requires_grad, self._all_params))
         self._cuda_devices = sorted({b.device.index or 0 for b in buckets if b.device.type == "cuda"})
         self._host_checks = all(b.device.type == "cpu" for b in buckets)
+        beta1, beta2, _ = self.betas
+        self._step_states = {
+            d: self._step_states.get(d) or StepState(d, beta1, beta2) for d in dict.fromkeys(b.device for b in buckets)
+        }
+        hypers = {
+            d: backends.Hyper(beta1, beta2, self.eps, self.direction, self.use_mv, state)
+            for d, state in self._step_states.items()
+        }
+        self._hypers = [hypers[b.device] for b in buckets]  # each bucket's, in bucket order
+        self._first_state = self._hypers[0].state if buckets else None
         devices = {b.device for b in buckets}
         self._backend = backends.resolve(self.backend_name, devices)
         if not buckets:
@@ -378,10 +400,28 @@ class SaLSA(Optimizer):
         }
 
     def _fold_pending_skips(self) -> _Scalars:
-        if self._pending_skips is not None:
-            self._scalars.skipped += int(self._pending_skips.item())
-            self._pending_skips = None
+        """Count the non-search steps the device skipped since the host last looked (one sync,
+        only if a step ran on the device path since then)."""
+        if self._unread_skips:
+            self._count_device_skips(int(self._first_state.read_skipped().item()))
         return self._scalars
+
+    def _count_device_skips(self, n: int, just_now: bool = False) -> None:
+        """The device skipped ``n`` non-search steps the host counted as taken: take them back
+        (the step count and the search interval leave skipped steps out, as on the host path)."""
+        self._unread_skips = False
+        if not n:
+            return
+        s = self._scalars
+        s.skipped += n
+        s.step -= n
+        s.since_search -= n
+        for state in self._step_states.values():
+            state.counted()
+        if just_now:  # (CPU: read right after the step)
+            self._last = StepInfo(skipped=True, step_size=s.step_size)
+        if self._scaler is None or not self._scaler.enabled:  # overflow skips under a GradScaler are routine
+            self._warn_once("nonfinite", _NONFINITE)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -405,83 +445,102 @@ class SaLSA(Optimizer):
         grads_bad = self._scaler.unscale(self._buckets) if scaling else None
 
         s = self._scalars
-        beta1, beta2, _ = self.betas
-        k = s.step + 1
+        k = s.step + 1  # (on CUDA: plus the skips the device made that the host has not read)
         since = s.since_search + 1
-        search = not self.speed_up or k < _WARMUP_SEARCHES or since >= self.search_interval
+        # Adam's bias corrections count one ahead of the steps, as the published package does;
+        # each device subtracts the skips it has not reported (see salsa_fast.step_state)
+        for state in self._step_states.values():
+            state.begin(float(max(1, k + 1)))
         eta = s.step_size
-        eta_try = eta * self.growth
-        bias_step = max(1, k + 1)  # sic: one ahead of Adam's count, as the published package
-        h = backends.Hyper(
-            beta1=beta1,
-            beta2=beta2,
-            eps=self.eps,
-            corr1=1 - beta1**bias_step,
-            corr2=1 - beta2**bias_step,
-            bias_step=float(bias_step),
-            direction=self.direction,
-            use_mv=self.use_mv,
-        )
         # per bucket: its group's step-size multiplier and weight-decay factor (old step size)
         groups = self.param_groups
         lrs = [float(groups[b.group_index]["lr"]) for b in self._buckets]
         decays = [lr * float(groups[b.group_index]["weight_decay"]) * eta for b, lr in zip(self._buckets, lrs)]
 
-        if not search:
-            with annotate("salsa.plain_step"):
-                result = self._plain_step(out, loss, k, since, eta_try, lrs, decays, h, grads_bad)
-        else:
-            with annotate("salsa.search"):
-                result = self._search_step(closure, seed, out, loss, k, eta_try, lrs, decays, h)
+        try:
+            if not self._searches(k, since):
+                with annotate("salsa.plain_step"):
+                    result = self._plain_step(out, loss, k, since, lrs, decays, grads_bad)
+            else:
+                with annotate("salsa.search"):
+                    result = self._search_step(closure, seed, out, loss, k, lrs, decays, grads_bad)
+        finally:
+            for state in self._step_states.values():
+                state.end()
         if scaling:
             self._scaler.update()
         return result
 
-    def _plain_step(self, out, loss, k, since, eta_try, lrs, decays, h, grads_bad):
+    def _searches(self, k: int, since: int) -> bool:
+        """Whether step ``k``, ``since`` steps after the last search, runs a line search."""
+        return not self.speed_up or k < _WARMUP_SEARCHES or since >= self.search_interval
+
+    def _plain_step(self, out, loss, k, since, lrs, decays, grads_bad):
         backend, s = self._backend, self._scalars
-        found_inf = self._nonfinite_flag(loss, grads_bad)
-        if self._host_checks:  # CPU: reading it is free, and an exact skip needs no device masking
-            if float(found_inf):
-                return self._skip(out, warn=grads_bad is None)
-            found_inf = None
-        else:
-            self._pending_skips = found_inf if self._pending_skips is None else self._pending_skips + found_inf
-        for b, lr, decay in zip(self._buckets, lrs, decays):
-            inf_b = None if found_inf is None else found_inf.to(b.device, non_blocking=True)
-            backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, found_inf=inf_b)
+        if self._loss_on_host(loss) and not math.isfinite(loss):
+            return self._skip(out, warn=grads_bad is None)  # (read for free)
+        self._raise_flags(loss, grads_bad)
+        eta_try = s.step_size * self.growth
+        counted = set()  # each device counts a skip once
+        for b, h, lr, decay in zip(self._buckets, self._hypers, lrs, decays):
+            backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, count_skip=b.device not in counted)
+            counted.add(b.device)
         s.step, s.since_search = k, since
         s.forwards += 1
         s.backwards += 1
         self._finish(StepInfo(searched=False, step_size=s.step_size))
+        self._unread_skips = True
+        if self._host_checks:  # CPU: reading the count is free, so the host knows at once
+            self._count_device_skips(int(self._first_state.read_skipped()), just_now=True)
         return out
 
-    def _nonfinite_flag(self, loss, grads_bad):
-        """1.0 (fp32, on the first bucket's device) when the loss or a gradient is not finite on
-        any rank; no host sync. ``grads_bad`` is the GradScaler's finding, else the gradient
-        buffers are probed."""
-        dev = self._buckets[0].device
-        total = loss.to(dev, torch.float64) * 0  # NaN iff the loss is not finite
-        if grads_bad is None:
-            total = total + torch.stack([self._backend.grad_probe(b).to(dev) for b in self._buckets]).sum()
-        flag = (~torch.isfinite(total)).to(torch.float32)
-        if grads_bad is not None:
-            flag = torch.maximum(flag, grads_bad.to(dev))
-        return agree_on_flag(resolve_group(self.process_group), flag)
+    def _loss_on_host(self, loss) -> bool:
+        """A CPU loss for parameters elsewhere: checked on the host, where reading it is free."""
+        return loss.device.type == "cpu" and self._first_state.device.type != "cpu"
 
-    def _write_points(self, write, eta, lrs, decays, h) -> None:
+    def _raise_flags(self, loss, grads_bad) -> None:
+        """Set every device's step flag when the loss or a gradient is not finite on any device
+        or rank, without a sync. ``grads_bad`` is the GradScaler's finding (it checked every
+        gradient), else each bucket's gradients are probed (the first bucket also checks the
+        loss)."""
+        first, states = self._first_state, self._step_states
+        if self._loss_on_host(loss):
+            loss = None  # (checked on the host)
+        elif loss.device != first.device:
+            loss = loss.to(first.device, non_blocking=True)
+        if grads_bad is None:
+            probe_loss = loss
+            for b, h in zip(self._buckets, self._hypers):
+                self._backend.probe(b, h, probe_loss if h.state is first else None)
+                if h.state is first:
+                    probe_loss = None
+        else:
+            first.flag.copy_(grads_bad)
+            if loss is not None:
+                torch.maximum(first.flag, (~torch.isfinite(loss)).to(first.flag.dtype), out=first.flag)
+        if len(states) > 1:  # one verdict for all devices: gathered on the first, sent back
+            torch.amax(torch.stack([st.flag.to(first.device) for st in states.values()]), out=first.flag)
+        agree_on_flag(resolve_group(self.process_group), first.flag)
+        for state in states.values():
+            if state is not first:
+                state.flag.copy_(first.flag, non_blocking=True)
+
+    def _write_points(self, write, eta, lrs, decays) -> None:
         """Write every bucket's parameters with one backend pass (a trial or fallback point)."""
-        for b, lr, decay in zip(self._buckets, lrs, decays):
+        for b, h, lr, decay in zip(self._buckets, self._hypers, lrs, decays):
             write(b, lr_step=lr * eta, decay=decay, h=h)
 
-    def _search_step(self, closure, seed, out, loss, k, eta_try, lrs, decays, h):
+    def _search_step(self, closure, seed, out, loss, k, lrs, decays, grads_bad):
         backend, s = self._backend, self._scalars
         group = resolve_group(self.process_group)
         beta3 = self.betas[2]
         buckets = self._buckets
         devices = self._cuda_devices
+        eta_try = s.step_size * self.growth
         forwards = 1
         trials = 0
         accepted = False
+        demoted = False
         decrease_avg = s.decrease_avg
         buffers = self._buffers_to_preserve()
         saved = [t.clone() for t in buffers]
@@ -499,7 +558,7 @@ class SaLSA(Optimizer):
             dev = buckets[0].device
             pp_full = torch.zeros((), dtype=torch.float64, device=dev)  # norm of whole parameters
             pp_sharded = torch.zeros((), dtype=torch.float64, device=dev)  # of this rank's shards
-            for b, lr, decay in zip(buckets, lrs, decays):
+            for b, h, lr, decay in zip(buckets, self._hypers, lrs, decays):
                 if self.keep_backup:  # back up p, write the first trial point, sum(g * d)
                     pp_b = backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h)
                 else:  # only sum(g * d): the parameters move once the search is decided
@@ -509,60 +568,69 @@ class SaLSA(Optimizer):
                     pp_sharded = pp_sharded + pp_b
                 else:
                     pp_full = pp_full + pp_b
-            read = [agree_on_search(group, loss.to(dev, torch.float64), pp_full, pp_sharded)]
-            if self._pending_skips is not None:
-                read.append(self._pending_skips.to(dev, torch.float64).reshape(1))
-                self._pending_skips = None
-            loss_v, pp_v, *skips = torch.cat(read).tolist()  # the one sync of the search
-            s.skipped += int(sum(skips))
-            if not (math.isfinite(loss_v) and math.isfinite(pp_v)):
-                self._abort(h)
+            agreed = agree_on_search(group, loss.to(dev, torch.float64), pp_full, pp_sharded)
+            skipped = self._first_state.read_skipped().to(dev).reshape(1)
+            loss_v, pp_v, skipped_v = torch.cat([agreed, skipped]).tolist()  # the one sync of the search
+            if skipped_v:  # the device skipped steps since the last search: now the host knows
+                self._count_device_skips(int(skipped_v))
+                k -= int(skipped_v)
+                demoted = not self._searches(k, s.since_search + 1)
+            if demoted:  # without those steps, this one is not due to search: undo, and step
+                self._abort()
+            elif not (math.isfinite(loss_v) and math.isfinite(pp_v)):
+                self._abort()
                 return self._skip(out, warn=self._scaler is None or not self._scaler.enabled)
-
-            norm_avg = beta3 * s.norm_avg + (1 - beta3) * pp_v
-            if abs(loss_v) >= _MIN_LOSS and norm_avg >= _MIN_LOSS:
-                if loss_v < 0:
-                    self._warn_once(
-                        "negative",
-                        "the loss is negative: SaLSA's Armijo criterion assumes a loss bounded below "
-                        "(e.g. >= 0); the search goes on, but the step size may grow without bound",
-                    )
-                trial_point = backend.search_trial if self.keep_backup else backend.lean_trial
-                if not self.keep_backup:
-                    self._write_points(trial_point, eta_try, lrs, decays, h)
-                while True:
-                    _, trial_loss = trial_closure()
-                    if group is not None:
-                        trial_loss = agree_on_loss(group, trial_loss.to(dev, torch.float64))
-                    trial_v = float(trial_loss)  # one sync per trial
-                    trials += 1
-                    if math.isfinite(trial_v):
-                        if trial_v == loss_v:  # no change at all: accept, leave h as it is
-                            accepted = True
-                            break
-                        decrease = beta3 * s.decrease_avg + (1 - beta3) * (loss_v - trial_v)
-                        if decrease >= eta_try * self.c * norm_avg:
-                            decrease_avg = decrease
-                            accepted = True
-                            break
-                    eta_try *= self.decrease
-                    if trials == self.max_backtracks:
-                        break  # parameters stay at the last trial
-                    self._write_points(trial_point, eta_try, lrs, decays, h)
             else:
-                # Loss or norm too small for the criterion: step along the momentum direction.
-                momentum_point = backend.search_momentum_point if self.keep_backup else backend.lean_momentum_point
-                self._write_points(momentum_point, eta_try, lrs, decays, h)
-                trial_closure()
-                forwards += 1
+                norm_avg = beta3 * s.norm_avg + (1 - beta3) * pp_v
+                if abs(loss_v) >= _MIN_LOSS and norm_avg >= _MIN_LOSS:
+                    if loss_v < 0:
+                        self._warn_once(
+                            "negative",
+                            "the loss is negative: SaLSA's Armijo criterion assumes a loss bounded below "
+                            "(e.g. >= 0); the search goes on, but the step size may grow without bound",
+                        )
+                    trial_point = backend.search_trial if self.keep_backup else backend.lean_trial
+                    if not self.keep_backup:
+                        self._write_points(trial_point, eta_try, lrs, decays)
+                    while True:
+                        _, trial_loss = trial_closure()
+                        if group is not None:
+                            trial_loss = agree_on_loss(group, trial_loss.to(dev, torch.float64))
+                        trial_v = float(trial_loss)  # one sync per trial
+                        trials += 1
+                        if math.isfinite(trial_v):
+                            if trial_v == loss_v:  # no change at all: accept, leave h as it is
+                                accepted = True
+                                break
+                            decrease = beta3 * s.decrease_avg + (1 - beta3) * (loss_v - trial_v)
+                            if decrease >= eta_try * self.c * norm_avg:
+                                decrease_avg = decrease
+                                accepted = True
+                                break
+                        eta_try *= self.decrease
+                        if trials == self.max_backtracks:
+                            break  # parameters stay at the last trial
+                        self._write_points(trial_point, eta_try, lrs, decays)
+                else:
+                    # Loss or norm too small for the criterion: step along the momentum direction.
+                    momentum_point = (
+                        backend.search_momentum_point if self.keep_backup else backend.lean_momentum_point
+                    )
+                    self._write_points(momentum_point, eta_try, lrs, decays)
+                    trial_closure()
+                    forwards += 1
+                # The moments last: a commit that fails leaves the step undone, as every other
+                # failure does (with several buckets, only those not yet committed go back).
+                for b, h in zip(buckets, self._hypers):
+                    backend.search_commit(b, h=h)
         except BaseException:
-            self._abort(h)
+            self._abort()
             raise
         finally:
             self._in_search = False
+        if demoted:
+            return self._plain_step(out, loss, k, s.since_search + 1, lrs, decays, grads_bad)
 
-        for b in buckets:
-            backend.search_commit(b, h=h)
         s.step, s.since_search = k, 0
         s.norm_avg, s.decrease_avg = norm_avg, decrease_avg
         s.step_size = eta_try
@@ -575,11 +643,11 @@ class SaLSA(Optimizer):
         self._finish(StepInfo(searched=True, trials=trials, accepted=accepted, step_size=eta_try))
         return out
 
-    def _abort(self, h) -> None:
+    def _abort(self) -> None:
         """Back to the step's starting point, the moments untouched (every bucket, even if one
         of them fails to move: the exception that follows is the first one)."""
         errors = []
-        for b in self._buckets:
+        for b, h in zip(self._buckets, self._hypers):
             try:
                 if self.keep_backup:
                     self._backend.search_abort(b)
@@ -597,11 +665,7 @@ class SaLSA(Optimizer):
         s.forwards += 1
         s.backwards += 1
         if warn:
-            self._warn_once(
-                "nonfinite",
-                "non-finite loss or gradient: SaLSA skipped this step (parameters and state unchanged); "
-                "`optimizer.stats['skipped_steps']` counts such steps",
-            )
+            self._warn_once("nonfinite", _NONFINITE)
         self._finish(StepInfo(skipped=True, step_size=s.step_size))
         return out
 
@@ -680,7 +744,9 @@ class SaLSA(Optimizer):
                 if key not in ("params", "param_names"):
                     g[key] = value
         self._scalars = _Scalars(**{n: saved_scalars[n] for n in names})
-        self._pending_skips = None
+        for state in self._step_states.values():  # skips of the run being replaced: not ours
+            state.counted()
+        self._unread_skips = False
         self._last = StepInfo(step_size=self._scalars.step_size)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

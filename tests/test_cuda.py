@@ -10,7 +10,7 @@ from conftest import cuda
 from helpers import batches, digits, make_closure, max_abs_diff, mlp, next_step_searches, train
 from torch import nn
 
-from salsa_fast import LABPAL, SaLSA
+from salsa_fast import LABPAL, SaLSA, SaLSAWarning
 
 pytestmark = cuda
 
@@ -99,12 +99,84 @@ def test_search_step_syncs_once_plus_once_per_trial(backend, keep_backup):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_non_finite_gradient_is_skipped_on_the_device(backend):
+    """Skipped without a sync; the host learns of it (count, step count, warning) at the next
+    sync, here ``state_dict()``."""
     model, opt, step = _up_to_a_non_search_step(backend)
     before = [p.detach().clone() for p in model.parameters()]
+    steps = opt._scalars.step
     opt.zero_grad()
     opt.step(_poisoned(model, step))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert opt.state_dict()["salsa"]["skipped"] == 1
+    assert not opt.last_step.skipped  # (not known yet)
+    with pytest.warns(SaLSAWarning, match="non-finite"):
+        scalars = opt.state_dict()["salsa"]
+    assert scalars["skipped"] == 1 and scalars["step"] == steps
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_device_skips_match_the_cpu_in_float64(backend):
+    """The same non-finite steps on CPU (known at once) and on CUDA (known at the next search):
+    the same closure calls and, in float64, the same parameters and counters."""
+    runs = []
+    for device in ("cpu", "cuda"):
+        model = mlp(torch.float64).to(device)
+        opt = SaLSA(model.parameters(), backend=backend if device == "cuda" else "torch")
+        x, _ = digits(torch.float64)
+        torch.manual_seed(0)
+        count = [0]
+        calls = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SaLSAWarning)
+            for step, idx in enumerate(batches(len(x), 60)):
+                closure = make_closure(model, "digits", idx, torch.float64, count, device=device)
+                if step in (15, 16, 30, 41):
+                    closure = _nan_after_backward(model, closure)
+                opt.zero_grad()
+                opt.step(closure)
+                calls.append(count[0])
+            scalars = opt.state_dict()["salsa"]
+        runs.append((model.cpu(), calls, scalars))
+    (a, calls_a, sa), (b, calls_b, sb) = runs
+    assert calls_a == calls_b
+    assert max_abs_diff(a, b) <= 1e-9
+    assert {k: v for k, v in sa.items() if not isinstance(v, float)} == {
+        k: v for k, v in sb.items() if not isinstance(v, float)
+    }
+    assert sa["skipped"] == 4
+
+
+def _nan_after_backward(model, closure):
+    def poisoned(backwards=False):
+        loss = closure(backwards)
+        if backwards:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")
+        return loss
+
+    return poisoned
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("keep_backup", [True, False])
+def test_kernels_run_on_the_parameters_device_not_the_current_one(backend, keep_backup):
+    """A model on cuda:1 while cuda:0 is current: every launch goes to cuda:1 (a launch on the
+    wrong device would read foreign addresses), and the run equals one made with cuda:1 current."""
+    results = []
+    for current in (0, 1):
+        with torch.cuda.device(current):
+            model = mlp(torch.float64).to("cuda:1")
+            opt = SaLSA(model.parameters(), backend=backend, keep_backup=keep_backup)
+            x, _ = digits(torch.float64)
+            torch.manual_seed(0)
+            count = [0]
+            for idx in batches(len(x), 30):
+                opt.zero_grad()
+                opt.step(make_closure(model, "digits", idx, torch.float64, count, device="cuda:1"))
+            torch.cuda.synchronize(1)
+            results.append(([p.detach().cpu() for p in model.parameters()], count[0]))
+    (pa, ca), (pb, cb) = results
+    assert ca == cb
+    assert all(torch.equal(p, q) for p, q in zip(pa, pb))
 
 
 def test_gpu_checkpoint_loads_on_cpu():
@@ -150,12 +222,13 @@ def test_triton_kernels_index_past_2_to_the_31():
         pytest.skip("needs ~30 GB of free GPU memory")
     from salsa_fast.backends import Hyper, triton_ops
     from salsa_fast.flat import FlatBucket
+    from salsa_fast.step_state import StepState
 
     p = nn.Parameter(torch.zeros(n, dtype=torch.bfloat16, device="cuda"))
     b = FlatBucket([p], 0, keep_second_moment=True)
     b.grad.fill_(1.0)
-    h = Hyper(0.9, 0.999, 1e-8, 1 - 0.9**2, 1 - 0.999**2, 2.0, "adam", False)
-    triton_ops.plain_step(b, lr_step=0.5, decay=0.0, h=h, found_inf=None)
+    h = Hyper(0.9, 0.999, 1e-8, "adam", False, StepState.at("cuda", 0.9, 0.999, bias_step=2.0))
+    triton_ops.plain_step(b, lr_step=0.5, decay=0.0, h=h)
     tail = p.detach()[-4099:].float()
     assert torch.all(tail < 0) and torch.allclose(tail, tail[0].expand_as(tail))
     assert float(b.exp_avg[-1]) == pytest.approx(0.1)

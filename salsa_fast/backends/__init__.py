@@ -1,9 +1,11 @@
 """Backends: who runs SaLSA's per-element passes over the flat buffers.
 
 A backend is a module with the functions of :mod:`salsa_fast.backends.torch_ops`
-(``plain_step``, ``grad_probe``, ``search_begin``, ``search_trial``, ``search_momentum_point``,
-``search_commit``, ``search_abort`` for SaLSA; ``labpal_sums``, ``labpal_update``,
-``labpal_point`` for LABPAL). The choice never changes results beyond float rounding.
+(``probe``, ``plain_step``, ``search_begin``, ``search_trial``, ``search_momentum_point``,
+``search_commit``, ``search_abort``, ``lean_norm``, ``lean_trial``, ``lean_momentum_point``,
+``lean_restore`` for SaLSA, each taking the step's :class:`Hyper` with its device numbers;
+``labpal_sums``, ``labpal_update``, ``labpal_point`` for LABPAL). The choice never changes results
+beyond float rounding.
 
 * ``"torch"``: whole-buffer torch ops; runs everywhere.
 * ``"triton"``: :mod:`salsa_fast.kernels`, on CUDA tensors (or CPU tensors under

@@ -16,8 +16,9 @@ scratch, and no state has changed. The commit recomputes the moments from the gr
 with the same ops, so they equal the ones the direction was built from.
 
 Non-search Adam steps use torch's fused AdamW kernel over the parameter list (one pass, 28
-B/param for fp32; bf16/fp16 parameters go through an fp32 copy); a device-side ``found_inf`` flag
-lets it skip a non-finite step without a host sync.
+B/param for fp32; bf16/fp16 parameters go through an fp32 copy); the step's device-side non-finite flag
+(``Hyper.state.flag``, raised by :func:`probe`) makes it skip a non-finite step without a host
+sync, and it corrects with the device's step count.
 """
 
 from __future__ import annotations
@@ -27,22 +28,22 @@ from typing import NamedTuple
 import torch
 
 from ..flat import FlatBucket
+from ..step_state import StepState
 from . import lean
 
 name = "torch"
 
 
 class Hyper(NamedTuple):
-    """Per-step constants shared by every bucket (host floats: no syncs)."""
+    """Per-step constants shared by every bucket of one device: host floats, and the step's
+    device-resident numbers (bias corrections, non-finite flag; see :mod:`salsa_fast.step_state`)."""
 
     beta1: float
     beta2: float
     eps: float
-    corr1: float  # 1 - beta1 ** max(1, k + 1)
-    corr2: float  # 1 - beta2 ** max(1, k + 1)
-    bias_step: float  # max(1, k + 1), for kernels that compute the corrections themselves
     direction: str  # "adam" | "sgd"
     use_mv: bool
+    state: StepState  # on the buckets' device
 
 
 def _buffer(b: FlatBucket, name: str) -> torch.Tensor:
@@ -91,9 +92,9 @@ def _commit_moments(b: FlatBucket, g: torch.Tensor, h: Hyper) -> None:
 
 def _momentum_direction(m: torch.Tensor, v: torch.Tensor | None, h: Hyper) -> torch.Tensor:
     """``mhat * precond`` (Adam) or ``mhat`` (SGD), in ``m``'s memory."""
-    d = m.div_(h.corr1)
+    d = m.div_(h.state.corr1)
     if v is not None:
-        d.div_(v.div_(h.corr2).sqrt_().add_(h.eps))
+        d.div_(v.div_(h.state.corr2).sqrt_().add_(h.eps))
     return d
 
 
@@ -120,21 +121,28 @@ def _write_point(b: FlatBucket, d: torch.Tensor, lr_step: float, decay: float) -
 
 
 @torch.no_grad()
-def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_inf: torch.Tensor | None) -> None:
+def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, count_skip: bool = False) -> None:
     """A non-search step: ``p = p*(1-decay) - lr_step * momentum_direction``, moments updated.
 
-    ``found_inf`` (a 0-dim float tensor on the bucket's device, or None) skips the whole update
-    on the device when it is 1, so a non-finite gradient needs no host sync.
+    Nothing changes where ``h.state.flag`` is set (a non-finite loss or gradient), decided on
+    the device without a host sync; ``count_skip`` (once per device and step) then counts the
+    skip in ``h.state``.
     """
+    _plain_update(b, lr_step, decay, h)
+    if count_skip:
+        h.state.count_skip()
+
+
+def _plain_update(b: FlatBucket, lr_step: float, decay: float, h: Hyper) -> None:
+    flag = h.state.flag
     if _fused_ok(b) and lr_step > 0:
-        step = b.workspace.get("step")
-        if step is None:
-            step = b.workspace["step"] = torch.zeros((), dtype=torch.float32, device=b.device)
-        step.fill_(h.bias_step)
+        # the device's step count, which the kernel corrects with (fp32 on CUDA, as torch's
+        # fused Adam keeps it; the CPU kernel reads any float)
+        step = h.state.bias_step if b.device.type == "cpu" else h.state.bias_step.float()
         # torch's AdamW decays by lr * weight_decay with the *new* step size; ours decays with
         # the old one, so hand it the ratio.
         kw = dict(lr=lr_step, beta1=h.beta1, beta2=h.beta2, weight_decay=decay / lr_step, eps=h.eps,
-                  amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf)  # fmt: skip
+                  amsgrad=False, maximize=False, grad_scale=None, found_inf=flag)  # fmt: skip
         # straight into the parameters, one pass over the list (torch's fused kernel walks each
         # tensor's memory linearly, so a strided parameter takes the detour below)
         if b.dtype == b.state_dtype and b.dense:
@@ -150,9 +158,11 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
         b.copy_params_from(p)
         return
 
-    g = _in_state_dtype(b, b.grad, "g")
-    p = _params_in_state_dtype(b)
-    if found_inf is None:
+    if b.device.type == "cpu":  # reading the flag is free: in place, or nothing at all
+        if flag.item():
+            return
+        g = _in_state_dtype(b, b.grad, "g")
+        p = _params_in_state_dtype(b)
         if decay:
             p.mul_(1 - decay)
         _commit_moments(b, g, h)
@@ -162,7 +172,9 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
         return
 
     # Device-side skip without the fused kernel: compute out of place, then select.
-    skip = found_inf.bool()
+    g = _in_state_dtype(b, b.grad, "g")
+    p = _params_in_state_dtype(b)
+    skip = flag.bool()
     m, v = _new_moments(b, g, h)
     new_p = p * (1 - decay) if decay else p.clone()
     new_p.add_(_momentum_direction(m.clone(), None if v is None else v.clone(), h), alpha=-lr_step)
@@ -172,15 +184,20 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_i
     b.copy_params_from(torch.where(skip, p, new_p))
 
 
-def grad_probe(b: FlatBucket) -> torch.Tensor:
-    """A 0-dim fp64 tensor that is finite iff every gradient is: the gradient buffer's sum,
-    reduced in its own dtype (torch accumulates in fp32; asking for an fp32 result is ~50x
-    slower on CPU). fp16's range would overflow a sum of finite values: max minus min there."""
+def probe(b: FlatBucket, h: Hyper, loss: torch.Tensor | None = None) -> None:
+    """Raise ``h.state.flag`` if a gradient of the bucket (or ``loss``) is not finite, no sync.
+    The probe is the gradient buffer's sum, reduced in its own dtype (torch accumulates in fp32;
+    asking for an fp32 result is ~50x slower on CPU): non-finite iff an element is. fp16's range
+    would overflow a sum of finite values: max minus min there."""
     g = b.grad
     if g.dtype == torch.float16 and g.numel():
         low, high = torch.aminmax(g)
-        return high.double() - low.double()
-    return g.sum().double()
+        total = high.double() - low.double()
+    else:
+        total = g.sum().double()
+    if loss is not None:
+        total = total + loss.to(total.dtype) * 0  # NaN iff the loss is not finite
+    torch.maximum(h.state.flag, (~torch.isfinite(total)).to(h.state.flag.dtype), out=h.state.flag)
 
 
 # -- search step ------------------------------------------------------------------------------
@@ -191,15 +208,15 @@ def _search_direction(b: FlatBucket, g: torch.Tensor, h: Hyper) -> torch.Tensor:
     (SGD without ``use_mv``: the gradient itself; zero_grad() is a no-op during a search)."""
     if h.direction == "adam":
         d = torch.mul(b.exp_avg_sq, h.beta2, out=_buffer(b, "direction")).addcmul_(g, g, value=1 - h.beta2)
-        d.div_(h.corr2).sqrt_().add_(h.eps)  # the denominator, in the direction's memory
+        d.div_(h.state.corr2).sqrt_().add_(h.eps)  # the denominator, in the direction's memory
         if h.use_mv:
             m_hat = torch.mul(b.exp_avg, h.beta1, out=_buffer(b, "m_hat")).add_(g, alpha=1 - h.beta1)
-            torch.div(m_hat.div_(h.corr1), d, out=d)
+            torch.div(m_hat.div_(h.state.corr1), d, out=d)
         else:
             torch.div(g, d, out=d)
         return d
     if h.use_mv:
-        return torch.mul(b.exp_avg, h.beta1, out=_buffer(b, "direction")).add_(g, alpha=1 - h.beta1).div_(h.corr1)
+        return torch.mul(b.exp_avg, h.beta1, out=_buffer(b, "direction")).add_(g, alpha=1 - h.beta1).div_(h.state.corr1)
     return g
 
 
@@ -235,8 +252,10 @@ def search_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyp
 
 @torch.no_grad()
 def search_commit(b: FlatBucket, *, h: Hyper) -> None:
-    """The search is over: commit the moments, drop the scratch (``p`` stays where it is)."""
-    _commit_moments(b, _in_state_dtype(b, b.grad, "g"), h)
+    """The search is over: commit the moments, drop the scratch (``p`` stays where it is).
+    Allocates nothing (mixed-dtype in-place ops widen a low-precision gradient on the fly), so
+    it cannot fail for want of memory after the search has been decided."""
+    _commit_moments(b, b.grad, h)
     b.end_search()
 
 

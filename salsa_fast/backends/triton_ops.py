@@ -10,28 +10,29 @@ from __future__ import annotations
 import torch
 
 from ..flat import FlatBucket
-from ..kernels import adam_step, labpal, lean_search, reduce, search
-from ..kernels._common import grid
+from ..kernels import adam_step, labpal, lean_search, probe as probe_kernel, search
+from ..kernels.reduce import finish
 from . import lean
 from .torch_ops import Hyper
 
 name = "triton"
 
-
-def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, found_inf: torch.Tensor | None) -> None:
-    adam_step.plain_step(b, lr_step=lr_step, decay=decay, h=h, found_inf=found_inf)
+plain_step = adam_step.plain_step
 
 
-def grad_probe(b: FlatBucket) -> torch.Tensor:
-    """The gradient buffer's sum (fp32 partials): finite iff every gradient is."""
-    partials = reduce.partials_buffer(b.work, grid(b.numel)[0], b.state_dtype, b.device)
-    return reduce.buffer_sum(b.grad, partials)
+def probe(b: FlatBucket, h: Hyper, loss: torch.Tensor | None = None) -> None:
+    """Raise ``h.state.flag`` if a gradient of the bucket (or ``loss``) is not finite: one pass
+    over the gradient buffer, no sync."""
+    probe_kernel.probe(b.grad, h.state.flag, loss)
 
 
 def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> torch.Tensor:
     b.ensure_backup()
+    partials = search.first_pass(b, lr_step=lr_step, decay=decay, h=h)
+    # Only now is there a backup to go back to: a launch that raised wrote nothing, and marking
+    # the search active before it would make the abort copy an unwritten backup over p.
     b.search_active = True
-    return search.first_pass(b, lr_step=lr_step, decay=decay, h=h)
+    return finish(partials)
 
 
 def search_trial(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:

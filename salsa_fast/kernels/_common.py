@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -14,23 +17,49 @@ def grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, BLOCK),)
 
 
+_F32 = struct.Struct("f")
+
+
 def split(x: float) -> tuple[float, float]:
-    """A host float as an (fp32 high, fp32 low) pair; ``high + low`` recovers ~48 bits."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(x - hi)
+    """A host float as an (fp32 high, fp32 low) pair; ``high + low`` recovers ~48 bits. (Rounded
+    to fp32 through ``struct``: no tensor is built per kernel argument.)"""
+    try:
+        hi = _F32.unpack(_F32.pack(x))[0]
+    except OverflowError:  # beyond fp32's range: the high part alone carries it, as inf
+        hi = float("inf") if x > 0 else float("-inf")
+    return hi, (x - hi if hi - hi == 0 else 0.0)
 
 
 def moment_args(h) -> tuple[float, ...]:
     """The (high, low) pairs of SaLSA's moment constants, in the order the kernels take them:
-    beta1, 1 - beta1, beta2, 1 - beta2, the two bias corrections, eps."""
-    return (*split(h.beta1), *split(1 - h.beta1), *split(h.beta2), *split(1 - h.beta2),
-            *split(h.corr1), *split(h.corr2), *split(h.eps))  # fmt: skip
+    beta1, 1 - beta1, beta2, 1 - beta2, eps. (The bias corrections are read on the device,
+    from ``h.state.pow1``/``pow2``.)"""
+    return (*split(h.beta1), *split(1 - h.beta1), *split(h.beta2), *split(1 - h.beta2), *split(h.eps))
+
+
+def on_device(t: torch.Tensor):
+    """Launch under ``t``'s device: Triton launches on the *current* CUDA device, which need not
+    be the one the buffers are on (a model on ``cuda:1``)."""
+    if t.device.type != "cuda" or t.device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 @triton.jit
 def scalar(hi, lo, ST: tl.constexpr):
     """Rebuild a host scalar in the math dtype ``ST`` from its (high, low) pair."""
     return tl.cast(hi, ST) + tl.cast(lo, ST)
+
+
+@triton.jit
+def moment_constants(b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr,
+                     pow2_ptr, ST: tl.constexpr):  # fmt: skip
+    """The moment constants in the math dtype ``ST``: beta1, 1 - beta1, beta2, 1 - beta2, the two
+    bias corrections (``1 - beta ** step`` from the step's device state, in fp64) and eps."""
+    b1, omb1 = scalar(b1_hi, b1_lo, ST), scalar(omb1_hi, omb1_lo, ST)
+    b2, omb2 = scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST)
+    c1, c2 = (1.0 - tl.load(pow1_ptr)).to(ST), (1.0 - tl.load(pow2_ptr)).to(ST)
+    return b1, omb1, b2, omb2, c1, c2, scalar(eps_hi, eps_lo, ST)
 
 
 @triton.jit

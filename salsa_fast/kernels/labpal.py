@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import table
-from ._common import BLOCK, NUM_WARPS, div, grid, load, offsets, rounded, scalar, split, store
+from ._common import BLOCK, NUM_WARPS, div, grid, load, offsets, on_device, rounded, scalar, split, store
 from .reduce import finish, partials_buffer
 
 
@@ -128,10 +128,11 @@ def sums(b, src: torch.Tensor, *, count: int, momentum: float) -> tuple[torch.Te
     # without momentum <d, D> is ||D||^2: no second buffer (the kernel gets a pointer it never uses)
     dot_partials = partials_buffer(b.work, grid(n)[0], b.state_dtype, b.device, "labpal_dot") if momentum else sq_partials
     if n:
-        _sums_kernel[grid(n)](
-            src, b.exp_avg, sq_partials, dot_partials, n, *split(count), *split(momentum),
-            BLOCK=BLOCK, **_flags(count, momentum),
-        )  # fmt: skip
+        with on_device(src):
+            _sums_kernel[grid(n)](
+                src, b.exp_avg, sq_partials, dot_partials, n, *split(count), *split(momentum),
+                BLOCK=BLOCK, **_flags(count, momentum),
+            )  # fmt: skip
     sq = finish(sq_partials)
     return sq, (finish(dot_partials) if momentum else sq)
 

@@ -22,63 +22,62 @@ import triton
 import triton.language as tl
 
 from . import table
-from ._common import BLOCK, NUM_WARPS, div, grid, load, moment_args, offsets, rounded, scalar, split, store
+from ._common import (BLOCK, NUM_WARPS, div, grid, load, moment_args, moment_constants, offsets, on_device, rounded,
+                      scalar, split, store)  # fmt: skip
 from .reduce import finish, partials_buffer
 from .search import direction
 
+
 @triton.jit
 def _norm_kernel(
-    g_ptr, m_ptr, v_ptr, partial_ptr, n, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
-    c1_hi, c1_lo, c2_hi, c2_lo, eps_hi, eps_lo, ADAM: tl.constexpr, USE_MV: tl.constexpr, BLOCK: tl.constexpr,
+    g_ptr, m_ptr, v_ptr, partial_ptr, pow1_ptr, pow2_ptr, n,
+    b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo,
+    ADAM: tl.constexpr, USE_MV: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     ST: tl.constexpr = m_ptr.dtype.element_ty
     pid, offs, mask = offsets(n, BLOCK)
+    b1, omb1, b2, omb2, c1, c2, eps = moment_constants(
+        b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr, pow2_ptr, ST
+    )
     g = load(g_ptr + offs, mask).to(ST)
-    d = direction(g, m_ptr + offs, v_ptr + offs, mask, scalar(b1_hi, b1_lo, ST), scalar(omb1_hi, omb1_lo, ST),
-                  scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST), scalar(c1_hi, c1_lo, ST),
-                  scalar(c2_hi, c2_lo, ST), scalar(eps_hi, eps_lo, ST), ST, USE_MV, ADAM)  # fmt: skip
+    d = direction(g, m_ptr + offs, v_ptr + offs, mask, b1, omb1, b2, omb2, c1, c2, eps, ST, USE_MV, ADAM)
     tl.store(partial_ptr + pid, tl.sum(g * d, axis=0))
 
 
 @triton.jit
 def _chunk_move(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, s, keep, b1, omb1, b2, omb2, c1, c2, eps, ST: tl.constexpr,
-                MODE: tl.constexpr, MOMENTUM: tl.constexpr, ADAM: tl.constexpr, DECAY: tl.constexpr):  # fmt: skip
+                MODE: tl.constexpr, MOMENTUM: tl.constexpr, ADAM: tl.constexpr):  # fmt: skip
     p = load(p_ptrs, mask).to(ST)
     g = load(g_ptrs, mask).to(ST)
     d = direction(g, m_ptrs, v_ptrs, mask, b1, omb1, b2, omb2, c1, c2, eps, ST, MOMENTUM, ADAM)
-    if MODE == 0:
-        if DECAY:
-            p = p * keep
-        p = p - s * d
+    if MODE == 0:  # (keep = 1 - decay; times or over 1 is exact)
+        p = p * keep - s * d
     elif MODE == 1:
         p = p - s * d
     else:
-        p = p + s * d
-        if DECAY:
-            p = div(p, keep, ST)
+        p = div(p + s * d, keep, ST)
     store(p_ptrs, rounded(p, p_ptrs.dtype.element_ty), mask)
 
 
 @triton.jit
 def _move_kernel(
-    p_base, rows_ptr, g_ptr, m_ptr, v_ptr,
-    s_hi, s_lo, keep_hi, keep_lo, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
-    c1_hi, c1_lo, c2_hi, c2_lo, eps_hi, eps_lo,
-    MODE: tl.constexpr, MOMENTUM: tl.constexpr, ADAM: tl.constexpr, DECAY: tl.constexpr,
+    p_base, rows_ptr, g_ptr, m_ptr, v_ptr, pow1_ptr, pow2_ptr,
+    s_hi, s_lo, keep_hi, keep_lo, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo,
+    MODE: tl.constexpr, MOMENTUM: tl.constexpr, ADAM: tl.constexpr,
     P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     ST: tl.constexpr = m_ptr.dtype.element_ty
     pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     s, keep = scalar(s_hi, s_lo, ST), scalar(keep_hi, keep_lo, ST)
-    b1, omb1 = scalar(b1_hi, b1_lo, ST), scalar(omb1_hi, omb1_lo, ST)
-    b2, omb2 = scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST)
-    c1, c2, eps = scalar(c1_hi, c1_lo, ST), scalar(c2_hi, c2_lo, ST), scalar(eps_hi, eps_lo, ST)
+    b1, omb1, b2, omb2, c1, c2, eps = moment_constants(
+        b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr, pow2_ptr, ST
+    )
     p, g, m, v = p_base + p_offs, g_ptr + f_offs, m_ptr + f_offs, v_ptr + f_offs
     if n >= BLOCK:
-        _chunk_move(p, g, m, v, None, s, keep, b1, omb1, b2, omb2, c1, c2, eps, ST, MODE, MOMENTUM, ADAM, DECAY)
+        _chunk_move(p, g, m, v, None, s, keep, b1, omb1, b2, omb2, c1, c2, eps, ST, MODE, MOMENTUM, ADAM)
     else:
         mask = tl.arange(0, BLOCK) < n
-        _chunk_move(p, g, m, v, mask, s, keep, b1, omb1, b2, omb2, c1, c2, eps, ST, MODE, MOMENTUM, ADAM, DECAY)
+        _chunk_move(p, g, m, v, mask, s, keep, b1, omb1, b2, omb2, c1, c2, eps, ST, MODE, MOMENTUM, ADAM)
 
 
 def norm(b, *, h):
@@ -87,10 +86,12 @@ def norm(b, *, h):
     adam = h.direction == "adam"
     partials = partials_buffer(b.work, grid(n)[0], b.state_dtype, b.device, "norm_partials")
     if n:
-        _norm_kernel[grid(n)](
-            b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, partials, n, *moment_args(h),
-            ADAM=adam, USE_MV=h.use_mv, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )  # fmt: skip
+        with on_device(b.grad):
+            _norm_kernel[grid(n)](
+                b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, partials, h.state.pow1, h.state.pow2, n,
+                *moment_args(h),
+                ADAM=adam, USE_MV=h.use_mv, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            )  # fmt: skip
     return finish(partials)
 
 
@@ -99,7 +100,7 @@ def move(b, *, mode: int, momentum: bool, s: float, decay: float, h) -> None:
     with ``use_mv`` the search direction is the momentum direction."""
     adam = h.direction == "adam"
     table.launch(
-        _move_kernel, b, b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg,
+        _move_kernel, b, b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, h.state.pow1, h.state.pow2,
         *split(s), *split(1 - decay), *moment_args(h),
-        writes=True, MODE=mode, MOMENTUM=momentum or h.use_mv, ADAM=adam, DECAY=decay != 0, num_warps=NUM_WARPS,
+        writes=True, MODE=mode, MOMENTUM=momentum or h.use_mv, ADAM=adam, num_warps=NUM_WARPS,
     )  # fmt: skip

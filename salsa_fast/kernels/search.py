@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 
 from . import table
-from ._common import BLOCK, NUM_WARPS, div, grid, load, moment_args, offsets, rounded, scalar, split, sqrt, store
-from .reduce import finish, partials_buffer
+from ._common import (BLOCK, NUM_WARPS, div, grid, load, moment_args, moment_constants, offsets, on_device, rounded,
+                      scalar, split, sqrt, store)  # fmt: skip
+from .reduce import partials_buffer
 
 FIRST, TRIAL, MOMENTUM = 0, 1, 2  # the point kinds of _search_point_kernel
 
@@ -45,8 +46,7 @@ def direction(g, m_ptrs, v_ptrs, mask, b1, omb1, b2, omb2, c1, c2, eps, ST: tl.c
 
 @triton.jit
 def _chunk_point(p_ptrs, g_ptrs, m_ptrs, v_ptrs, backup_ptrs, mask, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
-                 ST: tl.constexpr, KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr,
-                 DECAY: tl.constexpr):  # fmt: skip
+                 ST: tl.constexpr, KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr):  # fmt: skip
     """One chunk of a point; returns its partial of sum(g * direction) (FIRST) or 0."""
     if KIND == 0:
         p_raw = load(p_ptrs, mask)
@@ -54,8 +54,7 @@ def _chunk_point(p_ptrs, g_ptrs, m_ptrs, v_ptrs, backup_ptrs, mask, lr, keep, b1
     else:
         p_raw = load(backup_ptrs, mask)
     p0 = p_raw.to(ST)
-    if DECAY:
-        p0 = p0 * keep
+    p0 = p0 * keep  # (keep = 1 - decay: times 1 is exact)
     g = load(g_ptrs, mask).to(ST)
     d = direction(g, m_ptrs, v_ptrs, mask, b1, omb1, b2, omb2, c1, c2, eps, ST, USE_MV or KIND == 2, ADAM)
     store(p_ptrs, rounded(p0 - lr * d, p_ptrs.dtype.element_ty), mask)
@@ -68,9 +67,8 @@ def _chunk_point(p_ptrs, g_ptrs, m_ptrs, v_ptrs, backup_ptrs, mask, lr, keep, b1
 @triton.jit
 def _search_point_kernel(
     p_base, rows_ptr, g_ptr, m_ptr, v_ptr, backup_ptr, partial_ptr,
-    lr_hi, lr_lo, keep_hi, keep_lo, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
-    c1_hi, c1_lo, c2_hi, c2_lo, eps_hi, eps_lo,
-    KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr, DECAY: tl.constexpr,
+    pow1_ptr, pow2_ptr, lr_hi, lr_lo, keep_hi, keep_lo, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
+    eps_hi, eps_lo, KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr,
     P_ALIGN: tl.constexpr, F_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Write ``p = backup*(1-decay) - lr * direction`` (KIND=FIRST also writes the backup from
@@ -80,17 +78,17 @@ def _search_point_kernel(
     ST: tl.constexpr = m_ptr.dtype.element_ty
     pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     lr, keep = scalar(lr_hi, lr_lo, ST), scalar(keep_hi, keep_lo, ST)
-    b1, omb1 = scalar(b1_hi, b1_lo, ST), scalar(omb1_hi, omb1_lo, ST)
-    b2, omb2 = scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST)
-    c1, c2, eps = scalar(c1_hi, c1_lo, ST), scalar(c2_hi, c2_lo, ST), scalar(eps_hi, eps_lo, ST)
+    b1, omb1, b2, omb2, c1, c2, eps = moment_constants(
+        b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr, pow2_ptr, ST
+    )
     p, g, m, v, bk = p_base + p_offs, g_ptr + f_offs, m_ptr + f_offs, v_ptr + f_offs, backup_ptr + f_offs
     if n >= BLOCK:
         part = _chunk_point(p, g, m, v, bk, None, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
-                            ST, KIND, ADAM, USE_MV, DECAY)  # fmt: skip
+                            ST, KIND, ADAM, USE_MV)  # fmt: skip
     else:
         mask = tl.arange(0, BLOCK) < n
         part = _chunk_point(p, g, m, v, bk, mask, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
-                            ST, KIND, ADAM, USE_MV, DECAY)  # fmt: skip
+                            ST, KIND, ADAM, USE_MV)  # fmt: skip
     if KIND == 0:
         tl.store(partial_ptr + pid, part)
 
@@ -115,17 +113,18 @@ def _launch_point(b, kind: int, lr_step: float, decay: float, h, partials) -> No
     adam = h.direction == "adam"
     table.launch(
         _search_point_kernel, b, b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, b.backup,
-        partials if partials is not None else b.exp_avg,
+        partials if partials is not None else b.exp_avg, h.state.pow1, h.state.pow2,
         *split(lr_step), *split(1 - decay), *moment_args(h),
-        writes=True, KIND=kind, ADAM=adam, USE_MV=h.use_mv, DECAY=decay != 0, num_warps=NUM_WARPS,
+        writes=True, KIND=kind, ADAM=adam, USE_MV=h.use_mv and kind != MOMENTUM, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
 def first_pass(b, *, lr_step: float, decay: float, h):
-    """Back up p, write the first trial, return sum(g * direction) as a 0-dim fp64 tensor."""
+    """Back up p and write the first trial; returns the partials of sum(g * direction) (see
+    :func:`salsa_fast.kernels.reduce.finish`)."""
     partials = partials_buffer(b.work, table.param_table(b).programs, b.state_dtype, b.device, "chunk_partials")
     _launch_point(b, FIRST, lr_step, decay, h, partials)
-    return finish(partials)
+    return partials
 
 
 def trial(b, *, lr_step: float, decay: float, h) -> None:
@@ -141,9 +140,10 @@ def commit(b, *, h) -> None:
     if n == 0:
         return
     adam = h.direction == "adam"
-    _commit_kernel[grid(n)](
-        b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, n,
-        *split(h.beta1), *split(1 - h.beta1), *split(h.beta2), *split(1 - h.beta2),
-        ADAM=adam, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with on_device(b.grad):
+        _commit_kernel[grid(n)](
+            b.grad, b.exp_avg, b.exp_avg_sq if adam else b.exp_avg, n,
+            *split(h.beta1), *split(1 - h.beta1), *split(h.beta2), *split(1 - h.beta2),
+            ADAM=adam, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..flat import dense_strides
-from ._common import BLOCK
+from ._common import BLOCK, on_device
 
 VECTOR_BYTES = 16  # one 128-bit access
 ROW = 3  # int64 entries per chunk: parameter offset, flat offset, length
@@ -141,9 +141,10 @@ def launch(kernel, b, *args, writes: bool, **meta) -> None:
     if table.chunks == 0:
         return
     table.stage_in()
-    kernel[(table.chunks, table.sub)](
-        table.base, table.rows(), *args, P_ALIGN=table.p_align, F_ALIGN=table.f_align, BLOCK=BLOCK, **meta
-    )
+    with on_device(table.base):
+        kernel[(table.chunks, table.sub)](
+            table.base, table.rows(), *args, P_ALIGN=table.p_align, F_ALIGN=table.f_align, BLOCK=BLOCK, **meta
+        )
     if writes:
         table.stage_out()
 

@@ -1,0 +1,85 @@
+"""The numbers of a step that live on the device: the step count, Adam's bias corrections, the
+non-finite flag, and the count of steps the device skipped.
+
+On CUDA a non-search step must not sync, so the host cannot know whether the device skipped it
+(a non-finite loss or gradient). What that decision changes is therefore kept on the device,
+the way torch's ``capturable`` Adam keeps its ``step``: the kernels read the bias corrections
+from here, and a skipped step counts itself here, so the next steps correct with the true step
+count without the host knowing. The host keeps its own counters (``step``, ``since_search``)
+one ahead per unread skip and subtracts them when it reads the count: at the next search's one
+sync, in ``state_dict()``, or after every step on CPU, where reading is free. Until then
+``last_step.skipped`` says False and no warning has been issued.
+
+One :class:`StepState` per device; every bucket on the device reads it (``Hyper.state``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StepState:
+    """The device-resident per-step numbers of one device.
+
+    Kept between steps (8 bytes: ``keep_backup=False`` stays at Adam's memory):
+        minus_skipped: fp64 0-dim, minus the number of steps the device skipped and the host
+            has not counted yet (negative so that one ``add`` gives the step count).
+    Made by :meth:`begin` for one step and dropped by :meth:`end`:
+        flag: fp32 0-dim, 1 when this step's loss or a gradient is not finite (the probes set it).
+        bias_step: fp64 0-dim, the step count the bias corrections use this step.
+        pow1, pow2: fp64 0-dim, ``beta1 ** bias_step`` and ``beta2 ** bias_step``; the bias
+            corrections are ``1 - pow`` (``corr1``, ``corr2``; the kernels compute them in fp64).
+    """
+
+    def __init__(self, device: torch.device, beta1: float, beta2: float) -> None:
+        self.device = torch.device(device)
+        self.beta1, self.beta2 = beta1, beta2
+        self.minus_skipped = torch.zeros((), dtype=torch.float64, device=device)
+        self.end()
+
+    @torch.no_grad()
+    def begin(self, bias_step: float) -> None:
+        """A new step whose host-side count is ``bias_step``: a clear flag, and the powers for
+        the device's count (the host's minus the skips it has not counted). Four small ops, no
+        sync; with no skip pending they equal the host's ``beta ** bias_step`` bit for bit."""
+        self.flag = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.bias_step = torch.add(self.minus_skipped, bias_step)
+        self.pow1 = torch.pow(self.beta1, self.bias_step)
+        self.pow2 = torch.pow(self.beta2, self.bias_step)
+        self._corr = None
+
+    def end(self) -> None:
+        """The step is over: drop its numbers (nothing but the count is kept between steps)."""
+        self.flag = self.bias_step = self.pow1 = self.pow2 = self._corr = None
+
+    @property
+    def corr1(self) -> torch.Tensor:
+        return self._corrections()[0]
+
+    @property
+    def corr2(self) -> torch.Tensor:
+        return self._corrections()[1]
+
+    def _corrections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._corr is None:
+            self._corr = (torch.rsub(self.pow1, 1), torch.rsub(self.pow2, 1))
+        return self._corr
+
+    def count_skip(self) -> None:
+        """Count this step as skipped if its flag is set (the Triton kernels do it themselves)."""
+        self.minus_skipped.sub_(self.flag)
+
+    def read_skipped(self) -> torch.Tensor:
+        """The uncounted skips as a 0-dim fp64 tensor (to be read with some other number)."""
+        return self.minus_skipped.neg()
+
+    def counted(self) -> None:
+        """The host has counted the skips it read."""
+        self.minus_skipped.zero_()
+
+    @classmethod
+    def at(cls, device, beta1: float, beta2: float, bias_step: float) -> StepState:
+        """A state for passes called on their own (tests, benchmarks): ``bias_step`` set."""
+        state = cls(torch.device(device), beta1, beta2)
+        state.begin(bias_step)
+        return state

@@ -1,0 +1,299 @@
+"""The CUDA path's bookkeeping, checked on the CPU: device-side skips that end exactly where host
+skips end, launches that fail without leaving a trace, and the non-search step's operation count.
+
+On CUDA a non-search step never syncs: the host does not learn that the device skipped a
+non-finite step until the next search (see ``salsa_fast.step_state``). On CPU the optimizer
+reads that count after every step; setting ``opt._host_checks = False`` makes it wait as it
+does on CUDA, and the Triton kernels run in the interpreter, so both paths can be compared here.
+"""
+
+import warnings
+
+import pytest
+import torch
+from helpers import batches, digits, make_closure, mlp, next_step_searches
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from salsa_fast import SaLSA, SaLSAWarning
+
+pytest.importorskip("triton")
+interpreter = pytest.importorskip("triton.runtime.interpreter")
+
+if not hasattr(interpreter, "InterpretedFunction") or torch.cuda.is_available():
+    pytest.skip("these tests drive Triton's interpreter on CPU tensors", allow_module_level=True)
+
+BACKENDS = ["torch", "triton"]
+POISONED = {12: "grad", 13: "grad", 17: "loss", 21: "grad", 22: "grad", 23: "grad", 30: "grad", 36: "loss"}
+
+
+def _poisoned(model, closure, what):
+    """``closure`` with a NaN written into the first gradient after backward (``"grad"``), or a
+    NaN gradient-pass loss (``"loss"``)."""
+
+    def poisoned(backwards=False):
+        loss = closure(backwards)
+        if backwards and what == "grad":
+            next(model.parameters()).grad.view(-1)[3] = float("nan")
+        if backwards and what == "loss":
+            return loss * float("nan")
+        return loss
+
+    return poisoned
+
+
+def _two_groups(model):
+    first, *rest = list(model.parameters())
+    return [{"params": [first]}, {"params": rest, "lr": 0.5, "weight_decay": 1e-3}]
+
+
+def _run(backend, host_checks, steps=40, keep_backup=True):
+    """Train with NaN injected at the POISONED steps; returns the optimizer, the model, the
+    parameters after every step, the closure calls after every step, and the step at which
+    each non-finite warning arrived."""
+    model = mlp()
+    opt = SaLSA(_two_groups(model), backend=backend, keep_backup=keep_backup)
+    opt._host_checks = host_checks
+    aborted = []
+    abort = opt._abort
+    opt._abort = lambda: (aborted.append(True), abort())[1]
+    x, _ = digits()
+    counter, params, calls, warned = [0], [], [], []
+    torch.manual_seed(0)
+    for step, idx in enumerate(batches(len(x), steps)):
+        closure = make_closure(model, "digits", idx, torch.float32, counter)
+        if step in POISONED:
+            closure = _poisoned(model, closure, POISONED[step])
+        opt.zero_grad()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SaLSAWarning)
+            opt.step(closure)
+        warned += [step] * sum("non-finite" in str(w.message) for w in caught)
+        params.append([p.detach().clone() for p in model.parameters()])
+        calls.append(counter[0])
+    return opt, params, calls, warned, len(aborted)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("keep_backup", [True, False])
+def test_device_skips_end_where_host_skips_end(backend, keep_backup):
+    """The same non-finite steps on the host path and on the deferred (CUDA) path: the same
+    closure calls and parameters after every step, and the whole state_dict equal at the end;
+    the device path learns of its skips at the next search, and a search that was due only
+    because the host had counted skipped steps is undone and becomes a plain step."""
+    host, host_params, host_calls, host_warned, _ = _run(backend, True, keep_backup=keep_backup)
+    dev, dev_params, dev_calls, dev_warned, demoted = _run(backend, False, keep_backup=keep_backup)
+    assert dev_calls == host_calls
+    for step, (a, b) in enumerate(zip(host_params, dev_params)):
+        assert all(torch.equal(p, q) for p, q in zip(a, b)), step
+    sd_host, sd_dev = host.state_dict(), dev.state_dict()
+    assert sd_dev["salsa"] == sd_host["salsa"]
+    assert sd_host["salsa"]["skipped"] == len(POISONED)
+    assert sd_dev["param_groups"] == sd_host["param_groups"]
+    assert sd_dev["state"].keys() == sd_host["state"].keys()
+    for i, entry in sd_host["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(sd_dev["state"][i][key], value), (i, key)
+    # the warning: at once on the host path, by the next search on the device path
+    assert host_warned == [min(POISONED)]
+    assert len(dev_warned) == 1 and dev_warned[0] >= host_warned[0]
+    assert demoted >= 1  # the case of a due search undone was met
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_skip_is_reported_by_the_next_sync(backend):
+    """On the deferred path a skipped non-search step is not known at once (``last_step`` and
+    ``stats`` cannot say), and ``state_dict()`` (a sync) counts it and warns; the host path says
+    it all at once."""
+    for host_checks in (True, False):
+        model = mlp()
+        opt = SaLSA(model.parameters(), backend=backend)
+        opt._host_checks = host_checks
+        x, _ = digits()
+        counter = [0]
+        plan = batches(len(x), 300)
+        step = 0
+        while opt._scalars.step < 12 or next_step_searches(opt):
+            opt.zero_grad()
+            opt.step(make_closure(model, "digits", plan[step], torch.float32, counter))
+            step += 1
+        before = opt._scalars.step
+        opt.zero_grad()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SaLSAWarning)
+            opt.step(_poisoned(model, make_closure(model, "digits", plan[step], torch.float32, counter), "grad"))
+        assert opt.last_step.skipped == host_checks
+        assert bool(caught) == host_checks
+        assert opt.stats["skipped_steps"] == int(host_checks)
+        with warnings.catch_warnings(record=True) as at_sync:
+            warnings.simplefilter("always", SaLSAWarning)
+            scalars = opt.state_dict()["salsa"]
+        assert bool(at_sync) != host_checks  # the warning comes with the count
+        assert scalars["skipped"] == 1 and scalars["step"] == before
+        assert opt.stats["skipped_steps"] == 1
+
+
+# -- a launch that fails leaves no trace --------------------------------------------------------
+
+
+class _FailingLaunch:
+    """Make the ``fail_at``-th Triton launch after the gradient pass raise out-of-memory."""
+
+    def __init__(self, monkeypatch, fail_at):
+        self.fail_at, self.launches, self.armed = fail_at, 0, False
+        run = interpreter.InterpretedFunction.run
+
+        def failing_run(kernel, *args, **kwargs):
+            if self.armed:
+                self.launches += 1
+                if self.launches == self.fail_at:
+                    raise torch.OutOfMemoryError("injected: out of memory")
+            return run(kernel, *args, **kwargs)
+
+        monkeypatch.setattr(interpreter.InterpretedFunction, "run", failing_run)
+
+    def closure(self, inner):
+        def closure(backwards=False):
+            loss = inner(backwards)
+            self.armed = self.armed or backwards
+            return loss
+
+        return closure
+
+
+class _MixedMLP(nn.Module):
+    """The digits MLP with a float64 output layer: two flat buckets."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.out = nn.Linear(64, 33), nn.Linear(33, 10).double()
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)).double())
+
+
+def _snapshot(model, opt):
+    sd = opt.state_dict()
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        {i: {k: v.clone() for k, v in entry.items()} for i, entry in sd["state"].items()},
+        dict(sd["salsa"]),
+    )
+
+
+def _assert_unchanged(model, opt, snap):
+    params, state, scalars = snap
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    sd = opt.state_dict()
+    for i, entry in state.items():
+        for key, value in entry.items():
+            assert torch.equal(sd["state"][i][key], value), (i, key)
+    ignore = ("forwards", "backwards")  # the gradient pass ran
+    assert {k: v for k, v in sd["salsa"].items() if k not in ignore} == {
+        k: v for k, v in scalars.items() if k not in ignore
+    }
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+@pytest.mark.parametrize("searching", [True, False], ids=["search", "plain"])
+@pytest.mark.parametrize("keep_backup", [True, False])
+@pytest.mark.parametrize("buckets", [1, 2])
+def test_a_failed_launch_leaves_parameters_and_state_as_they_were(monkeypatch, fail_at, searching, keep_backup,
+                                                                  buckets):  # fmt: skip
+    """The first or the second kernel launch after the gradient pass raises (out of memory in a
+    partials buffer, a compile error on a fresh machine): the step raises it and leaves the
+    parameters and the optimizer's state exactly as they were, and the next step trains on.
+    (With two buckets, a float32 and a float64 one, the second launch of a search is the second
+    bucket's first pass, after the first bucket's has written its trial point.)"""
+    model = mlp() if buckets == 1 else _MixedMLP()
+    opt = SaLSA(model.parameters(), backend="triton", keep_backup=keep_backup)
+    opt._host_checks = False  # the CUDA path
+    assert len(opt._buckets) == buckets
+    x, _ = digits()
+    counter = [0]
+    plan = batches(len(x), 300)
+    step = 0
+    while opt._scalars.step < 12 or next_step_searches(opt) != searching:
+        opt.zero_grad()
+        opt.step(make_closure(model, "digits", plan[step], torch.float32, counter))
+        step += 1
+    snap = _snapshot(model, opt)
+    failing = _FailingLaunch(monkeypatch, fail_at)
+    opt.zero_grad()
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        opt.step(failing.closure(make_closure(model, "digits", plan[step], torch.float32, counter)))
+    assert failing.launches == fail_at
+    _assert_unchanged(model, opt, snap)
+    monkeypatch.undo()
+    opt.zero_grad()
+    loss = opt.step(make_closure(model, "digits", plan[step + 1], torch.float32, counter))
+    assert torch.isfinite(loss) and opt._scalars.step == snap[2]["step"] + 1
+
+
+# -- the non-search step's own work -------------------------------------------------------------
+
+
+class _CountOps(TorchDispatchMode):
+    """Count the tensor operations (aten ops, host-side scalar tensors included) and the Triton
+    launches of the optimizer's own work: the closure's and the launches' own are left out."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.ops, self.launches, self.paused = [], 0, False
+        run = interpreter.InterpretedFunction.run
+
+        def counted_run(kernel, *args, **kwargs):
+            self.launches += 1
+            self.paused = True  # (the interpreter copies its arguments with torch ops)
+            try:
+                return run(kernel, *args, **kwargs)
+            finally:
+                self.paused = False
+
+        monkeypatch.setattr(interpreter.InterpretedFunction, "run", counted_run)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # (torch's Optimizer.step wrapper opens a record_function range, for every optimizer)
+        if not self.paused and func.namespace != "profiler":
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def closure(self, inner):
+        def closure(backwards=False):
+            self.paused = True
+            try:
+                return inner(backwards)
+            finally:
+                self.paused = False
+
+        return closure
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_non_search_step_stays_within_its_operation_budget(monkeypatch, groups):
+    """Outside the closure, a non-search step on the CUDA path (the Triton backend, deferred
+    skips) makes at most 2 kernel launches per flat buffer (the probe and the update) and at
+    most 6 + 2 per param group other tensor operations, whatever the number of parameters."""
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(6)])  # 12 parameters
+    params = list(model.parameters())
+    param_groups = [{"params": params}] if groups == 1 else [{"params": params[:4]}, {"params": params[4:], "lr": 0.3}]
+    opt = SaLSA(param_groups, backend="triton")
+    opt._host_checks = False
+    x = torch.randn(32, 16)
+
+    def closure(backwards=False):
+        loss = model(x).square().mean()
+        if backwards:
+            loss.backward()
+        return loss
+
+    while opt._scalars.step < 12 or next_step_searches(opt):
+        opt.zero_grad()
+        opt.step(closure)
+    opt.zero_grad()
+    with _CountOps(monkeypatch) as counter:
+        opt.step(counter.closure(closure))
+    assert not opt.last_step.searched
+    assert counter.launches <= 2 * len(opt._buckets), counter.launches
+    assert len(counter.ops) <= 6 + 2 * groups, "\n".join(counter.ops)
