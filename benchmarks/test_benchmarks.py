@@ -77,3 +77,4 @@ def test_training_step(benchmark, workload, optimizer):
             torch.cuda.synchronize()
 
     benchmark.pedantic(step, rounds=60, iterations=1, warmup_rounds=2)
+
