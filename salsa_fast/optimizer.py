@@ -571,8 +571,8 @@ class SaLSA(Optimizer):
             agreed = agree_on_search(group, loss.to(dev, torch.float64), pp_full, pp_sharded)
             skipped = self._first_state.read_skipped().to(dev).reshape(1)
             loss_v, pp_v, skipped_v = torch.cat([agreed, skipped]).tolist()  # the one sync of the search
+            self._count_device_skips(int(skipped_v))
             if skipped_v:  # the device skipped steps since the last search: now the host knows
-                self._count_device_skips(int(skipped_v))
                 k -= int(skipped_v)
                 demoted = not self._searches(k, s.since_search + 1)
             if demoted:  # without those steps, this one is not due to search: undo, and step
