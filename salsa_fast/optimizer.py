@@ -477,8 +477,6 @@ class SaLSA(Optimizer):
 
     def _plain_step(self, out, loss, k, since, lrs, decays, grads_bad):
         backend, s = self._backend, self._scalars
-        if self._loss_on_host(loss) and not math.isfinite(loss):
-            return self._skip(out, warn=grads_bad is None)  # (read for free)
         self._raise_flags(loss, grads_bad)
         eta_try = s.step_size * self.growth
         counted = set()  # each device counts a skip once
@@ -504,8 +502,10 @@ class SaLSA(Optimizer):
         gradient), else each bucket's gradients are probed (the first bucket also checks the
         loss)."""
         first, states = self._first_state, self._step_states
-        if self._loss_on_host(loss):
-            loss = None  # (checked on the host)
+        if self._loss_on_host(loss):  # (read for free; the flag still goes through the agreement)
+            if not math.isfinite(loss):
+                first.flag.fill_(1.0)
+            loss = None
         elif loss.device != first.device:
             loss = loss.to(first.device, non_blocking=True)
         if grads_bad is None:
@@ -515,7 +515,7 @@ class SaLSA(Optimizer):
                 if h.state is first:
                     probe_loss = None
         else:
-            first.flag.copy_(grads_bad)
+            torch.maximum(first.flag, grads_bad.to(first.flag.dtype), out=first.flag)
             if loss is not None:
                 torch.maximum(first.flag, (~torch.isfinite(loss)).to(first.flag.dtype), out=first.flag)
         if len(states) > 1:  # one verdict for all devices: gathered on the first, sent back
