@@ -89,7 +89,7 @@ def copy_bandwidth_gb_s(device: torch.device, n_bytes: int = 1 << 28) -> float:
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
-def write_json(path: str | None, records: list[dict]) -> None:
+def write_json(path: str | None, records: list[dict] | dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(records, f, indent=2)

@@ -20,7 +20,6 @@ further steps of each kind without the profiler; then records steps one at a tim
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, os.path.dirname(__file__))
 import workloads  # noqa: E402
-from common import environment, sync  # noqa: E402
+from common import environment, sync, write_json  # noqa: E402
 
 from salsa_fast import SaLSA  # noqa: E402
 
@@ -215,9 +214,7 @@ def main(argv=None) -> dict:
     }
     text = format_markdown(result)
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
