@@ -116,7 +116,8 @@ def test_non_finite_gradient_is_skipped_on_the_device(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_device_skips_match_the_cpu_in_float64(backend):
     """The same non-finite steps on CPU (known at once) and on CUDA (known at the next search):
-    the same closure calls and, in float64, the same parameters and counters."""
+    the same closure calls and, in float64, the same parameters and counters. (From step 56 on
+    about every other step of this run is a non-search step; the first 56 all search.)"""
     runs = []
     for device in ("cpu", "cuda"):
         model = mlp(torch.float64).to(device)
@@ -127,9 +128,9 @@ def test_device_skips_match_the_cpu_in_float64(backend):
         calls = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SaLSAWarning)
-            for step, idx in enumerate(batches(len(x), 60)):
+            for step, idx in enumerate(batches(len(x), 90)):
                 closure = make_closure(model, "digits", idx, torch.float64, count, device=device)
-                if step in (15, 16, 30, 41):
+                if step in (56, 58, 60, 61, 64, 66, 70, 72):
                     closure = _nan_after_backward(model, closure)
                 opt.zero_grad()
                 opt.step(closure)
@@ -142,7 +143,7 @@ def test_device_skips_match_the_cpu_in_float64(backend):
     assert {k: v for k, v in sa.items() if not isinstance(v, float)} == {
         k: v for k, v in sb.items() if not isinstance(v, float)
     }
-    assert sa["skipped"] == 4
+    assert sa["skipped"] == 8
 
 
 def _nan_after_backward(model, closure):
