@@ -450,28 +450,14 @@ def _overhead_section(rows: list[dict]) -> list[str]:
 
 
 def _profile_section(prof: dict) -> list[str]:
-    cuda = prof["device"] == "cuda"
-    lines = [
+    from profile_steps import profiled_steps_table  # (its table, here as in its own file)
+
+    return [
         "",
         f"## One step of each kind ({prof['workload']}, backend {prof['backend']}; the profile file has more)",
         "",
-        "| step | trials | kernels | launches | syncs | host ms | device ms | SaLSA's own kernels | own device ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *profiled_steps_table(prof),
     ]
-    for p in prof["profiled"]:
-        def c(key, fmt="d"):  # no CUDA events on a CPU
-            return format(p[key], fmt) if cuda else "-"
-
-        lines.append(
-            f"| {p['step']} | {p['trials']} | {c('kernels')} | {c('launches')} | {c('syncs')} | {p['host_ms']:.2f} | "
-            f"{c('device_ms', '.3f')} | {c('own_kernels')} | {c('own_device_ms', '.3f')} |"
-        )
-    if cuda:
-        lines.append("")
-        for p in prof["profiled"]:
-            names = ", ".join(f"`{n}` x{c}" for n, c in sorted(p["own_kernel_names"].items())) or "none found"
-            lines.append(f"- {p['step']}: {names}")
-    return lines
 
 
 def summary_markdown(suite: dict) -> str:

@@ -226,7 +226,6 @@ def _f(x, fmt=".2f") -> str:
 
 
 def format_markdown(r: dict) -> str:
-    cuda = r["device"] == "cuda"
     lines = [
         f"# SaLSA's steps profiled: {r['workload']} ({r['n_params'] / 1e6:.2f}M parameters), backend {r['backend']}",
         "",
@@ -248,6 +247,15 @@ def format_markdown(r: dict) -> str:
         "device, launches and syncs called on the host, device ms = the kernels' durations summed. SaLSA's own: inside "
         "its `salsa.plain_step` / `salsa.search` ranges, less the trials' forward passes.",
         "",
+    ]
+    return "\n".join(lines + profiled_steps_table(r)) + "\n"
+
+
+def profiled_steps_table(r: dict) -> list[str]:
+    """The profiled steps as Markdown lines: the table, then (CUDA) each step's own kernels.
+    (The GPU suite's summary shows the same.)"""
+    cuda = r["device"] == "cuda"
+    lines = [
         "| step | trials | kernels | launches | syncs | copies | host ms | device ms | own kernels | own host ms | "
         "own device ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -265,7 +273,7 @@ def format_markdown(r: dict) -> str:
             names = ", ".join(f"`{n}` x{c}" for n, c in sorted(p["own_kernel_names"].items())) or "none found"
             lost = f" ({p['unattributed_kernels']} kernels of the step not placed)" if p["unattributed_kernels"] else ""
             lines.append(f"- {p['step']} step, SaLSA's own kernels: {names}{lost}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 if __name__ == "__main__":
