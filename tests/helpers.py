@@ -189,3 +189,51 @@ def next_step_searches(opt) -> bool:
     """Whether SaLSA's next step will run a line search (mirrors its interval rule)."""
     s = opt._scalars
     return s.step + 1 < 10 or s.since_search + 1 >= opt.search_interval
+
+
+def poisoned(model, closure, what: str = "grad"):
+    """``closure`` with a NaN written into the first gradient after backward (``"grad"``), or
+    a NaN gradient-pass loss (``"loss"``)."""
+
+    def closure_with_nan(backwards=False):
+        loss = closure(backwards)
+        if backwards and what == "grad":
+            next(model.parameters()).grad.view(-1)[0] = float("nan")
+        if backwards and what == "loss":
+            return loss * float("nan")
+        return loss
+
+    return closure_with_nan
+
+
+def advance_until(opt, closure_at, searches: bool, min_steps: int = 12) -> int:
+    """Step ``opt`` with ``closure_at(0)``, ``closure_at(1)``, ... until it has taken
+    ``min_steps`` steps and its next step will (``searches``) or will not run a search;
+    returns the index of that next step's closure."""
+    step = 0
+    while opt._scalars.step < min_steps or next_step_searches(opt) != searches:
+        opt.zero_grad()
+        opt.step(closure_at(step))
+        step += 1
+    return step
+
+
+def snapshot(model, opt):
+    """The parameters, the optimizer state and its scalars, copied."""
+    params = [p.detach().clone() for p in model.parameters()]
+    sd = opt.state_dict()
+    state = {i: {k: v.clone() for k, v in s.items()} for i, s in sd["state"].items()}
+    return params, state, dict(sd["salsa"])
+
+
+def assert_unchanged(model, opt, snap, ignore=("forwards", "backwards", "skipped")) -> None:
+    """Parameters and state equal to ``snap``, bit for bit; scalars too, but for ``ignore``."""
+    params, state, scalars = snap
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    sd = opt.state_dict()
+    for i, s in state.items():
+        for k, v in s.items():
+            assert torch.equal(sd["state"][i][k], v), (i, k)
+    now = {k: v for k, v in sd["salsa"].items() if k not in ignore}
+    assert now == {k: v for k, v in scalars.items() if k not in ignore}

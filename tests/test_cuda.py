@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from conftest import cuda
-from helpers import batches, digits, make_closure, max_abs_diff, mlp, next_step_searches, train
+from helpers import advance_until, batches, digits, make_closure, max_abs_diff, mlp, poisoned, train
 from torch import nn
 
 from salsa_fast import LABPAL, SaLSA, SaLSAWarning
@@ -21,15 +21,7 @@ def _cuda_closure(model, step, dtype=torch.float32):
 
 def _poisoned(model, step):
     """Batch ``step``'s closure, with a NaN written into the first gradient after backward."""
-    inner = _cuda_closure(model, step)
-
-    def closure(backwards=False):
-        loss = inner(backwards)
-        if backwards:
-            next(model.parameters()).grad[0, 0] = float("nan")
-        return loss
-
-    return closure
+    return poisoned(model, _cuda_closure(model, step))
 
 
 def _step_without_syncs(opt, closure):
@@ -59,12 +51,7 @@ def _up_to_a_non_search_step(backend="torch", keep_backup=True):
     """A CUDA model and optimizer whose next step will not search; and that step's index."""
     model = mlp().cuda()
     opt = SaLSA(model.parameters(), backend=backend, keep_backup=keep_backup)
-    step = 0
-    while opt._scalars.step < 12 or next_step_searches(opt):
-        opt.zero_grad()
-        opt.step(_cuda_closure(model, step))
-        step += 1
-    return model, opt, step
+    return model, opt, advance_until(opt, lambda i: _cuda_closure(model, i), False)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -131,7 +118,7 @@ def test_device_skips_match_the_cpu_in_float64(backend):
             for step, idx in enumerate(batches(len(x), 90)):
                 closure = make_closure(model, "digits", idx, torch.float64, count, device=device)
                 if step in (56, 58, 60, 61, 64, 66, 70, 72):
-                    closure = _nan_after_backward(model, closure)
+                    closure = poisoned(model, closure)
                 opt.zero_grad()
                 opt.step(closure)
                 calls.append(count[0])
@@ -144,16 +131,6 @@ def test_device_skips_match_the_cpu_in_float64(backend):
         k: v for k, v in sb.items() if not isinstance(v, float)
     }
     assert sa["skipped"] == 8
-
-
-def _nan_after_backward(model, closure):
-    def poisoned(backwards=False):
-        loss = closure(backwards)
-        if backwards:
-            next(model.parameters()).grad.view(-1)[0] = float("nan")
-        return loss
-
-    return poisoned
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

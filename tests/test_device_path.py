@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import batches, digits, make_closure, mlp, next_step_searches
+from helpers import advance_until, assert_unchanged, batches, digits, make_closure, mlp, poisoned, snapshot
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -27,21 +27,6 @@ BACKENDS = ["torch", "triton"]
 # From step 58 on, about every other step of this run is a non-search step (the first 57 search);
 # 63 and 65 are search steps (skipped on the host on both paths).
 POISONED = {58: "grad", 60: "grad", 62: "loss", 63: "grad", 65: "loss", 66: "grad", 68: "grad", 72: "loss", 74: "grad"}
-
-
-def _poisoned(model, closure, what):
-    """``closure`` with a NaN written into the first gradient after backward (``"grad"``), or a
-    NaN gradient-pass loss (``"loss"``)."""
-
-    def poisoned(backwards=False):
-        loss = closure(backwards)
-        if backwards and what == "grad":
-            next(model.parameters()).grad.view(-1)[3] = float("nan")
-        if backwards and what == "loss":
-            return loss * float("nan")
-        return loss
-
-    return poisoned
 
 
 def _two_groups(model):
@@ -65,7 +50,7 @@ def _run(backend, host_checks, steps=80, keep_backup=True):
     for step, idx in enumerate(batches(len(x), steps)):
         closure = make_closure(model, "digits", idx, torch.float32, counter)
         if step in POISONED:
-            closure = _poisoned(model, closure, POISONED[step])
+            closure = poisoned(model, closure, POISONED[step])
         opt.zero_grad()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SaLSAWarning)
@@ -114,16 +99,12 @@ def test_device_skip_is_reported_by_the_next_sync(backend):
         x, _ = digits()
         counter = [0]
         plan = batches(len(x), 300)
-        step = 0
-        while opt._scalars.step < 12 or next_step_searches(opt):
-            opt.zero_grad()
-            opt.step(make_closure(model, "digits", plan[step], torch.float32, counter))
-            step += 1
+        step = advance_until(opt, lambda i: make_closure(model, "digits", plan[i], torch.float32, counter), False)
         before = opt._scalars.step
         opt.zero_grad()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SaLSAWarning)
-            opt.step(_poisoned(model, make_closure(model, "digits", plan[step], torch.float32, counter), "grad"))
+            opt.step(poisoned(model, make_closure(model, "digits", plan[step], torch.float32, counter), "grad"))
         assert opt.last_step.skipped == host_checks
         assert bool(caught) == host_checks
         assert opt.stats["skipped_steps"] == int(host_checks)
@@ -175,28 +156,6 @@ class _MixedMLP(nn.Module):
         return self.out(torch.tanh(self.hidden(x)).double())
 
 
-def _snapshot(model, opt):
-    sd = opt.state_dict()
-    return (
-        [p.detach().clone() for p in model.parameters()],
-        {i: {k: v.clone() for k, v in entry.items()} for i, entry in sd["state"].items()},
-        dict(sd["salsa"]),
-    )
-
-
-def _assert_unchanged(model, opt, snap):
-    params, state, scalars = snap
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
-    sd = opt.state_dict()
-    for i, entry in state.items():
-        for key, value in entry.items():
-            assert torch.equal(sd["state"][i][key], value), (i, key)
-    ignore = ("forwards", "backwards")  # the gradient pass ran
-    assert {k: v for k, v in sd["salsa"].items() if k not in ignore} == {
-        k: v for k, v in scalars.items() if k not in ignore
-    }
-
-
 @pytest.mark.parametrize("fail_at", [1, 2])
 @pytest.mark.parametrize("searching", [True, False], ids=["search", "plain"])
 @pytest.mark.parametrize("keep_backup", [True, False])
@@ -215,18 +174,14 @@ def test_a_failed_launch_leaves_parameters_and_state_as_they_were(monkeypatch, f
     x, _ = digits()
     counter = [0]
     plan = batches(len(x), 300)
-    step = 0
-    while opt._scalars.step < 12 or next_step_searches(opt) != searching:
-        opt.zero_grad()
-        opt.step(make_closure(model, "digits", plan[step], torch.float32, counter))
-        step += 1
-    snap = _snapshot(model, opt)
+    step = advance_until(opt, lambda i: make_closure(model, "digits", plan[i], torch.float32, counter), searching)
+    snap = snapshot(model, opt)
     failing = _FailingLaunch(monkeypatch, fail_at)
     opt.zero_grad()
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
         opt.step(failing.closure(make_closure(model, "digits", plan[step], torch.float32, counter)))
     assert failing.launches == fail_at
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap, ignore=("forwards", "backwards"))  # (the gradient pass ran)
     monkeypatch.undo()
     opt.zero_grad()
     loss = opt.step(make_closure(model, "digits", plan[step + 1], torch.float32, counter))
@@ -290,9 +245,7 @@ def test_non_search_step_stays_within_its_operation_budget(monkeypatch, groups):
             loss.backward()
         return loss
 
-    while opt._scalars.step < 12 or next_step_searches(opt):
-        opt.zero_grad()
-        opt.step(closure)
+    advance_until(opt, lambda i: closure, False)
     opt.zero_grad()
     with _CountOps(monkeypatch) as counter:
         opt.step(counter.closure(closure))

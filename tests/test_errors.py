@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import digits, max_abs_diff, mlp, next_step_searches, train
+from helpers import assert_unchanged, digits, max_abs_diff, mlp, next_step_searches, snapshot, train
 from torch import nn
 
 from salsa_fast import SaLSA, SaLSAWarning
@@ -27,25 +27,6 @@ def _closure(model, backwards_hook=None, value_hook=None):
         return loss
 
     return closure
-
-
-def _snapshot(model, opt):
-    params = [p.detach().clone() for p in model.parameters()]
-    sd = opt.state_dict()
-    state = {i: {k: v.clone() for k, v in s.items()} for i, s in sd["state"].items()}
-    return params, state, dict(sd["salsa"])
-
-
-def _assert_unchanged(model, opt, snap, ignore=("forwards", "backwards", "skipped")):
-    params, state, scalars = snap
-    for p, q in zip(model.parameters(), params):
-        assert torch.equal(p, q)
-    sd = opt.state_dict()
-    for i, s in state.items():
-        for k, v in s.items():
-            assert torch.equal(sd["state"][i][k], v)
-    now = {k: v for k, v in sd["salsa"].items() if k not in ignore}
-    assert now == {k: v for k, v in scalars.items() if k not in ignore}
 
 
 # -- the closure ---------------------------------------------------------------------------------
@@ -106,7 +87,7 @@ def test_non_scalar_loss_in_a_trial_restores_everything():
     model = mlp()
     opt = SaLSA(model.parameters())
     train(model, opt, 3)
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     x, y = digits()
 
     def closure(backwards=False):
@@ -119,7 +100,7 @@ def test_non_scalar_loss_in_a_trial_restores_everything():
     opt.zero_grad()
     with pytest.raises(ValueError, match="scalar loss"):
         opt.step(closure)  # the first steps always search
-    _assert_unchanged(model, opt, snap, ignore=())
+    assert_unchanged(model, opt, snap, ignore=())
 
 
 # -- hyperparameters -----------------------------------------------------------------------------
@@ -194,7 +175,7 @@ def test_non_finite_gradient_pass_skips_the_step(searching, where):
     train(model, opt, 30)
     while next_step_searches(opt) != searching:
         train(model, opt, 1, start=30)
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     first = next(model.parameters())
 
     def poison_grad():
@@ -207,7 +188,7 @@ def test_non_finite_gradient_pass_skips_the_step(searching, where):
     opt.zero_grad()
     with pytest.warns(SaLSAWarning, match="non-finite"):
         opt.step(closure)
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(model, opt, snap)
     assert opt.last_step.skipped and opt.stats["skipped_steps"] == 1
 
     # training goes on, and the warning is not repeated
