@@ -290,6 +290,10 @@ class SaLSA(Optimizer):
         }
         self._hypers = [hypers[b.device] for b in buckets]  # each bucket's, in bucket order
         self._first_state = self._hypers[0].state if buckets else None
+        first_of_device = {}
+        for b in buckets:
+            first_of_device.setdefault(b.device, b)
+        self._counts_skip = [first_of_device[b.device] is b for b in buckets]  # once per device
         devices = {b.device for b in buckets}
         self._backend = backends.resolve(self.backend_name, devices)
         if not buckets:
@@ -479,10 +483,8 @@ class SaLSA(Optimizer):
         backend, s = self._backend, self._scalars
         self._raise_flags(loss, grads_bad)
         eta_try = s.step_size * self.growth
-        counted = set()  # each device counts a skip once
-        for b, h, lr, decay in zip(self._buckets, self._hypers, lrs, decays):
-            backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, count_skip=b.device not in counted)
-            counted.add(b.device)
+        for b, h, lr, decay, count in zip(self._buckets, self._hypers, lrs, decays, self._counts_skip):
+            backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, count_skip=count)
         s.step, s.since_search = k, since
         s.forwards += 1
         s.backwards += 1
@@ -508,12 +510,9 @@ class SaLSA(Optimizer):
             loss = None
         elif loss.device != first.device:
             loss = loss.to(first.device, non_blocking=True)
-        if grads_bad is None:
-            probe_loss = loss
-            for b, h in zip(self._buckets, self._hypers):
-                self._backend.probe(b, h, probe_loss if h.state is first else None)
-                if h.state is first:
-                    probe_loss = None
+        if grads_bad is None:  # (the first bucket, on the first state's device, checks the loss)
+            for i, (b, h) in enumerate(zip(self._buckets, self._hypers)):
+                self._backend.probe(b, h, loss if i == 0 else None)
         else:
             torch.maximum(first.flag, grads_bad.to(first.flag.dtype), out=first.flag)
             if loss is not None:
