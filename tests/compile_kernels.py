@@ -225,8 +225,9 @@ def jobs(archs: list[int]) -> list[tuple]:
 
 
 def _init_worker() -> None:
-    JITFunction.run = _record
-    jobs([90])  # (the kernels by name, in this process)
+    if not _KERNELS:  # (a forked worker has them already; a spawned one records them again)
+        JITFunction.run = _record
+        jobs([90])
 
 
 def main() -> None:
