@@ -5,7 +5,8 @@
 """
 
 from .labpal import LABPAL
-from .optimizer import SLS, SaLSA, SaLSAWarning, StepInfo
+from .salsa import SaLSA, SaLSAWarning, StepInfo
+from .sls import SLS
 
 __all__ = ["SaLSA", "SLS", "LABPAL", "SaLSAWarning", "StepInfo"]
 __version__ = "0.1.0"

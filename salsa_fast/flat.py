@@ -144,16 +144,36 @@ class FlatBucket:
             views = self._views[name] = self.views_of(getattr(self, name))
         return views
 
+    # -- the search's bookkeeping, the same for every backend ----------------------------------
+    def ensure_backup(self) -> torch.Tensor:
+        if self.backup is None:
+            self.backup = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        return self.backup
+
+    @torch.no_grad()
+    def save_backup(self) -> None:
+        """Copy the parameters into the backup: a search has begun, and can be undone."""
+        self.ensure_backup()
+        torch._foreach_copy_(self.views("backup"), self.tensors())
+        self.search_active = True
+
+    def backup_written(self) -> None:
+        """A backend's own pass has written the backup: the search can be undone from now on.
+        (Marked only after that pass, so that an abort never copies an unwritten backup.)"""
+        self.search_active = True
+
+    @torch.no_grad()
+    def abort_search(self) -> None:
+        """Undo a search that kept a backup: ``p`` back to the step's start, moments untouched."""
+        if self.search_active:
+            self.copy_params_from(self.backup)
+        self.end_search()
+
     def end_search(self) -> None:
         """The search is over (committed or undone): no trial point, no scratch."""
         self.search_active = False
         self.lean_at = None
         self.scratch.clear()
-
-    def ensure_backup(self) -> torch.Tensor:
-        if self.backup is None:
-            self.backup = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        return self.backup
 
     @torch.no_grad()
     def copy_params_to(self, flat: torch.Tensor) -> torch.Tensor:

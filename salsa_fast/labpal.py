@@ -17,74 +17,48 @@ line, each under the seed of its own step, so dropout masks repeat.
 from __future__ import annotations
 
 import math
-import operator
-import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from torch.optim import Optimizer
 
-from . import backends
-from .closure import call_closure, check_closure, draw_seed
+from ._flat_optimizer import FlatOptimizer, check, is_int, is_real, positive
+from ._flat_optimizer import count, flag, optional_positive, positives
+from .closure import draw_seed
 from .flat import FlatBucket
-from .optimizer import SaLSAWarning
+from .parabola import H, nanmean, parabola_step
 
 __all__ = ["LABPAL", "parabola_step"]
 
-_requires_grad = operator.attrgetter("requires_grad")
-H = 1.77e-4  # the reference's first sample position on the line (hard-coded there)
 NORM_RANGE = (1e-3, 100.0)  # directions with a norm outside are not measured (hard-coded there)
-
-
-def parabola_step(losses: tuple[float, float, float], h: float, mu: float, fit: str) -> tuple[float, float, float]:
-    """``(a, b, s)`` from losses at positions ``0, h, mu`` on the line: curvature/2, slope at 0 and
-    the step to the minimum ``-b / (2a)``.
-
-    ``fit="reference"`` reproduces the reference: ``numpy.gradient`` applied twice (first-order
-    at the edge, second-order inside), which for an exact parabola ``c + beta x + alpha x^2``
-    gives ``b = beta + alpha h``, ``a = alpha / 2`` and so ``s = -beta/alpha - h``, about twice
-    the true minimum (the default ``update_step_adaptation=1.8`` was tuned with it).
-    ``fit="exact"`` interpolates the three points: ``s`` is the parabola's minimum.
-    """
-    f0, f1, f2 = losses
-    if fit == "exact":
-        alpha = ((f2 - f0) / mu - (f1 - f0) / h) / (mu - h)
-        beta = (f1 - f0) / h - alpha * h
-        a, b = alpha, beta
-    else:
-        d1, d2 = h, mu - h  # numpy.gradient's interior weights for uneven spacing
-        g0 = (f1 - f0) / d1
-        g1 = -d2 / (d1 * (d1 + d2)) * f0 + (d2 - d1) / (d1 * d2) * f1 + d1 / (d2 * (d1 + d2)) * f2
-        a, b = (g1 - g0) / d1 / 2, g0
-    s = -b / (2 * a) if a != 0 else float("nan")
-    return a, b, s
 
 
 @dataclass
 class _Scalars:
-    calls: int = 0  # step() calls (the schedule's clock)
-    updates: int = 0  # parameter updates (training ones and the one ending a measurement)
-    since_measurement: int = 0  # updates since the last finished measurement
-    k: int = 1  # training batch size, in inference batches
-    schedule_index: int = 0  # next batch-size schedule entry
-    measuring: bool = True  # the first call measures
-    warmup_measured: bool = False
-    accumulated: int = 0  # calls in the current training batch
-    step: float | None = None  # the step length in use (NSGD updates; every measurement's update)
-    lr: float | None = None  # the SGD learning rate in use
-    history: list[float] = field(default_factory=list)  # accepted step lengths after warm-up
-    lr_history: list[float] = field(default_factory=list)  # the matching learning rates
-    measurements: int = 0  # finished measurements (accepted or not)
-    abandoned: int = 0  # measurements given up at the direction check
-    rejected: int = 0  # parabolas that were not convex with a descending slope
-    forwards: int = 0
-    backwards: int = 0
-    skipped: int = 0  # training updates skipped for a non-finite direction
+    """The schedule's counters, the step in use and its history (each field with the check a
+    checkpoint's value must pass)."""
+
+    calls: int = count()  # step() calls (the schedule's clock)
+    updates: int = count()  # parameter updates (training ones and the one ending a measurement)
+    since_measurement: int = count()  # updates since the last finished measurement
+    k: int = count(1)  # training batch size, in inference batches
+    schedule_index: int = count()  # next batch-size schedule entry
+    measuring: bool = flag(True)  # the first call measures
+    warmup_measured: bool = flag(False)
+    accumulated: int = count()  # calls in the current training batch
+    step: float | None = optional_positive()  # the step length in use (NSGD updates; every measurement's update)
+    lr: float | None = optional_positive()  # the SGD learning rate in use
+    history: list[float] = positives()  # accepted step lengths after warm-up
+    lr_history: list[float] = positives()  # the matching learning rates
+    measurements: int = count()  # finished measurements (accepted or not)
+    abandoned: int = count()  # measurements given up at the direction check
+    rejected: int = count()  # parabolas that were not convex with a descending slope
+    forwards: int = count()
+    backwards: int = count()
+    skipped: int = count()  # training updates skipped for a non-finite direction
 
 
-class LABPAL(Optimizer):
+class LABPAL(FlatOptimizer):
     r"""Large-batch parabolic approximation line search.
 
     Args (reference name in parentheses):
@@ -96,6 +70,8 @@ class LABPAL(Optimizer):
             ``(128 / batch_size) * (training_set_size / 40000)``.
         update_step_adaptation: multiplies the measured step (1.8).
         momentum: heavy-ball momentum without dampening, shared by updates and measurements.
+            Also a param-group entry, alike in every group, that schedulers with
+            ``cycle_momentum`` move; a new value takes effect outside measurements.
         reuse_steps: updates between measurements (``amount_steps_to_reuse_lr``, 1000).
         measure_batches: inference batches per measurement per unit of ``k``
             (``amount_batches_for_full_batch_loss_approximation``, 10).
@@ -110,27 +86,30 @@ class LABPAL(Optimizer):
         max_step_size: cap on the measured step before adaptation (1.0).
         eps: floor of the step (``epsilon``, 1e-6).
         fit: ``"reference"`` (the reference's effective step) or ``"exact"``.
-        backend: ``"auto"`` (Triton kernels on CUDA, torch ops elsewhere), ``"triton"`` or
-            ``"torch"``, as for SaLSA.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, as for SaLSA.
         keep_backup: ``True`` keeps a copy of the parameters while measuring and writes each
             point on the line from it. ``False`` keeps none: the parameters move from point to
             point along ``D`` and back, one rounding per element per move (as SaLSA's).
         cap_sgd_updates: ``mode="sgd"`` only: no update is longer than the step in use, i.e.
-            the rate applied is ``min(learning_rate, step_size / ||D||)``. The reference has no
-            cap (``False`` gives its updates): its learning rate is a step measured at one
-            gradient norm, and once gradients grow past that norm (the first measurement is at
-            initialisation, where they are smallest) its steps become many times longer than
-            any measured one, and it diverges on small MLPs with the default 1.8 adaptation.
+            the rate applied is ``min(learning_rate, step_size / ||D||)``. ``False`` gives the
+            reference's uncapped updates, which diverge on small MLPs (see the README).
 
-    Fixed reference defects: moves follow the stored direction (never ``.grad``, which
-    ``zero_grad()`` may have set to None); clipping does not mutate the cap; a first
-    measurement abandoned at the direction check measures again instead of crashing; schedule
-    entries fire when the call counter reaches them (never missed with ``k > 1``); randomness is
-    SaLSA's (no numpy reseeding, works without CUDA); :meth:`preserve_buffers` keeps BatchNorm
-    statistics out of the extra forward passes; parameters without gradients count as zero;
-    ``step`` returns the loss, the step in use is ``step_size`` / ``group["step_size"]``, and
-    ``state_dict`` resumes exactly (a checkpoint taken mid-measurement restarts it).
+    The defects of the authors' implementation fixed here are listed, each with its test, in
+    the README's LABPAL section.
     """
+
+    name = "LABPAL"
+    entry = "labpal"
+    Scalars = _Scalars
+    global_keys = frozenset(
+        "mode training_set_size batch_size update_step_adaptation reuse_steps measure_batches batch_size_schedule "
+        "warmup_updates window sample_step max_step_size eps fit cap_sgd_updates backend keep_backup weight_decay".split()
+    )
+    per_group_hint = (
+        "LABPAL measures one step for all groups (and has no weight decay), so only 'lr' (a multiplier "
+        "on the step) may differ per group ('momentum' may be set, alike in every group, for schedulers)"
+    )
+    shared_across_groups = ("momentum",)
 
     def __init__(
         self,
@@ -154,27 +133,25 @@ class LABPAL(Optimizer):
         backend: str = "auto",
         keep_backup: bool = True,
     ):
-        mode = mode.lower()
-        _check(mode in ("nsgd", "sgd"), "mode", mode, "must be 'nsgd' or 'sgd'")
-        _check(_is_int(training_set_size) and training_set_size > 0, "training_set_size", training_set_size, "must be an int > 0")
-        _check(_is_int(batch_size) and batch_size > 0, "batch_size", batch_size, "must be an int > 0")
-        _check(_positive(update_step_adaptation), "update_step_adaptation", update_step_adaptation, "must be > 0")
-        _check(_real(momentum) and 0 <= momentum < 1, "momentum", momentum, "must be in [0, 1)")
+        mode = mode.lower() if isinstance(mode, str) else mode
+        check(mode in ("nsgd", "sgd"), "mode", mode, "must be 'nsgd' or 'sgd'")
+        check(is_int(training_set_size) and training_set_size > 0, "training_set_size", training_set_size, "must be an int > 0")
+        check(is_int(batch_size) and batch_size > 0, "batch_size", batch_size, "must be an int > 0")
+        check(positive(update_step_adaptation), "update_step_adaptation", update_step_adaptation, "must be > 0")
+        check(is_real(momentum) and 0 <= momentum < 1, "momentum", momentum, "must be in [0, 1)")
         for name, value in (("reuse_steps", reuse_steps), ("measure_batches", measure_batches), ("window", window)):
-            _check(_is_int(value) and value >= 1, name, value, "must be an int >= 1")
-        _check(_is_int(warmup_updates) and warmup_updates >= 0, "warmup_updates", warmup_updates, "must be an int >= 0")
-        _check(_positive(sample_step) and sample_step > H, "sample_step", sample_step, f"must be > {H}")
-        _check(_positive(max_step_size), "max_step_size", max_step_size, "must be > 0")
-        _check(_positive(eps), "eps", eps, "must be > 0")
-        _check(fit in ("reference", "exact"), "fit", fit, "must be 'reference' or 'exact'")
-        _check(isinstance(cap_sgd_updates, bool), "cap_sgd_updates", cap_sgd_updates, "must be a bool")
-        _check(backend in backends.NAMES, "backend", backend, f"must be one of {backends.NAMES}")
-        _check(isinstance(keep_backup, bool), "keep_backup", keep_backup, "must be a bool")
+            check(is_int(value) and value >= 1, name, value, "must be an int >= 1")
+        check(is_int(warmup_updates) and warmup_updates >= 0, "warmup_updates", warmup_updates, "must be an int >= 0")
+        check(positive(sample_step) and sample_step > H, "sample_step", sample_step, f"must be > {H}")
+        check(positive(max_step_size), "max_step_size", max_step_size, "must be > 0")
+        check(positive(eps), "eps", eps, "must be > 0")
+        check(fit in ("reference", "exact"), "fit", fit, "must be 'reference' or 'exact'")
+        check(isinstance(cap_sgd_updates, bool), "cap_sgd_updates", cap_sgd_updates, "must be a bool")
         try:
             schedule = sorted((int(t), float(m)) for t, m in batch_size_schedule)
         except (TypeError, ValueError):
             raise ValueError(f"invalid batch_size_schedule={batch_size_schedule!r}: (call, multiplier) pairs") from None
-        _check(all(t >= 0 and m > 0 for t, m in schedule), "batch_size_schedule", batch_size_schedule,
+        check(all(t >= 0 and m > 0 for t, m in schedule), "batch_size_schedule", batch_size_schedule,
                "calls must be >= 0 and multipliers > 0")  # fmt: skip
 
         self.mode = mode
@@ -191,63 +168,39 @@ class LABPAL(Optimizer):
         self.eps = float(eps)
         self.fit = fit
         self.cap_sgd_updates = cap_sgd_updates
-        self.backend_name = backend
-        self.keep_backup = keep_backup
-        self._ready = False
-        super().__init__(params, dict(lr=1.0))
         self._scalars = _Scalars()
-        self._preserved: list[nn.Module] = []
         self._measurement: list[tuple[Any, int, float]] = []  # (closure, seed, loss at theta0)
-        self._in_measurement_eval = False
         self._device_skips: torch.Tensor | None = None  # CUDA: updates skipped on the device
-        self._repack()
-        self._ready = True
+        self._next_momentum: float | None = None  # a group's new momentum, applied between measurements
+        super().__init__(params, dict(lr=1.0, momentum=self.momentum), backend=backend, keep_backup=keep_backup)
+        self._pack()
 
-    # -- buffers ---------------------------------------------------------------------------------
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "weight_decay" in param_group:
-            raise ValueError("LABPAL has no weight decay; only 'lr' (a multiplier on the step) may be set per group")
-        super().add_param_group(param_group)
-        value = self.param_groups[-1]["lr"]
-        _check(_real(value) and value >= 0, "param group 'lr'", value, "must be >= 0")
-        self.param_groups[-1]["step_size"] = self.param_groups[-1]["learning_rate"] = None
-        if self._ready:
-            self._repack()
+    # -- buffers (the shell is salsa_fast._flat_optimizer) -----------------------------------------
+    def _check_group_values(self, group: dict[str, Any], where: str) -> None:
+        super()._check_group_values(group, where)
+        if "momentum" in group:
+            value = group["momentum"]
+            check(is_real(value) and 0 <= value < 1, f"{where} 'momentum'", value, "must be in [0, 1)")
 
-    def _repack(self) -> None:
-        # views made at the last repack, in the layout the parameters had then (see SaLSA._repack)
-        old = {p: (e["momentum_buffer"], e["accumulated_grad"]) for p, e in self.state.items()}
-        buckets = []
-        for gi, group in enumerate(self.param_groups):
-            by_key: dict[tuple, list[torch.Tensor]] = {}
-            for p in group["params"]:
-                if p.requires_grad:
-                    by_key.setdefault((p.device, p.dtype), []).append(p)
-            buckets += [FlatBucket(ps, gi, keep_second_moment=False, lean=not self.keep_backup) for ps in by_key.values()]
-        if not buckets:
-            raise ValueError("LABPAL got no parameters that require grad")
-        self.state.clear()
-        with torch.no_grad():
-            for b in buckets:
-                for p, m, a in zip(b.params, b.views_of(b.exp_avg), b.views_of(self._acc(b))):
-                    if p in old:
-                        m.copy_(old[p][0])
-                        a.copy_(old[p][1])
-                    self.state[p] = {"momentum_buffer": m, "accumulated_grad": a}
-        self._buckets = buckets
-        self._all_params = [p for g in self.param_groups for p in g["params"]]
-        self._requires_grad = list(map(_requires_grad, self._all_params))
-        self._cuda_devices = sorted({b.device.index or 0 for b in buckets if b.device.type == "cuda"})
-        self._host_checks = all(b.device.type == "cpu" for b in buckets)
-        self._backend = backends.resolve(self.backend_name, {b.device for b in buckets})
-        if any(b.dtype in (torch.bfloat16, torch.float16) for b in buckets):
-            warnings.warn(
+    def _init_group(self, group: dict[str, Any]) -> None:
+        group["step_size"] = group["learning_rate"] = None
+
+    def _on_shared(self, key: str, momentum: float) -> None:
+        """The momentum follows the groups' (moved by schedulers that cycle momentum); a new
+        value waits for the next update or measurement, so a measurement keeps its line."""
+        self._next_momentum = float(momentum)
+
+    def _state_buffers(self, b: FlatBucket) -> dict[str, torch.Tensor]:
+        return {"momentum_buffer": b.exp_avg, "accumulated_grad": self._acc(b)}
+
+    def _on_repack(self) -> None:
+        if any(b.dtype in (torch.bfloat16, torch.float16) for b in self._buckets):
+            self._warn_once(
+                "low-precision",
                 "LABPAL with bf16/fp16 parameters: its line measurement's first sample moves the "
                 f"parameters by {H} in all, below those dtypes' resolution, so the fitted parabolas "
                 "are noise and most measurements are rejected. Keep the parameters in fp32 (autocast "
                 "the forward pass instead).",
-                SaLSAWarning,
-                stacklevel=3,
             )
 
     @staticmethod
@@ -257,35 +210,6 @@ class LABPAL(Optimizer):
         if acc is None:
             acc = b.workspace["acc"] = torch.zeros(b.numel, dtype=b.state_dtype, device=b.device)
         return acc
-
-    def _check_layout(self) -> None:
-        if list(map(_requires_grad, self._all_params)) != self._requires_grad:
-            self._repack()
-            return
-        for b in self._buckets:
-            if b.moved():
-                if b.relaid():
-                    self._repack()
-                    return
-                b.rebind()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """One memset per flat buffer (``set_to_none`` is ignored, as in SaLSA); a no-op while a
-        measurement re-evaluates its stored closures."""
-        if self._in_measurement_eval:
-            return
-        self._check_layout()  # (as in SaLSA.zero_grad)
-        for b in self._buckets:
-            b.zero_grad()
-
-    def preserve_buffers(self, *modules: nn.Module) -> None:
-        """Keep these modules' buffers (BatchNorm statistics) out of the measurement's extra
-        forward passes: snapshotted before them, restored after each."""
-        for module in modules:
-            if not isinstance(module, nn.Module):
-                raise TypeError(f"preserve_buffers takes nn.Modules, got {type(module).__name__}")
-            if module not in self._preserved:
-                self._preserved.append(module)
 
     # -- diagnostics -----------------------------------------------------------------------------
     @property
@@ -304,7 +228,7 @@ class LABPAL(Optimizer):
     def measuring(self) -> bool:
         return self._scalars.measuring
 
-    def _fold_device_skips(self) -> None:
+    def _fold_pending_skips(self) -> None:
         """Add the updates skipped on the device (CUDA) to the host count: one sync, so only
         when diagnostics or a checkpoint ask for it."""
         if self._device_skips is not None:
@@ -316,7 +240,7 @@ class LABPAL(Optimizer):
         """Counters. On CUDA a non-finite direction is skipped on the device, so that update
         still counts in ``updates`` (and towards ``reuse_steps``); ``skipped_updates`` counts it
         too (reading it syncs once). On CPU a skipped update is not counted in ``updates``."""
-        self._fold_device_skips()
+        self._fold_pending_skips()
         s = self._scalars
         return {
             "step_size": s.step if s.step is not None else float("nan"),
@@ -336,10 +260,8 @@ class LABPAL(Optimizer):
     # -- the step --------------------------------------------------------------------------------
     def step(self, closure=None):  # type: ignore[override]
         """One inference batch: a training call or a measurement call. Returns its loss."""
-        check_closure(closure)
-        if self._in_measurement_eval:
-            raise RuntimeError("LABPAL.step() was called from inside its own closure")
-        self._check_layout()
+        self._begin_step(closure)
+        self._measurement_at_start = self._measurement  # (only ever replaced before the call)
         s = self._scalars
         self._apply_schedule()
         if not s.measuring:
@@ -347,11 +269,16 @@ class LABPAL(Optimizer):
             if warmup_over or s.since_measurement >= self.reuse_steps:
                 s.warmup_measured = s.warmup_measured or warmup_over
                 self._start_measurement()
+        if self._next_momentum is not None and not (s.measuring and self._measurement):
+            self.momentum, self._next_momentum = self._next_momentum, None  # (not within a measurement)
         out = self._measure(closure) if s.measuring else self._train(closure)
         s.calls += 1
         for group in self.param_groups:
             group["step_size"], group["learning_rate"] = s.step, s.lr
         return out
+
+    def _on_undo(self) -> None:
+        self._measurement = self._measurement_at_start
 
     def _apply_schedule(self) -> None:
         """Fire every schedule entry whose call has come (``>=``: none is ever skipped)."""
@@ -368,19 +295,17 @@ class LABPAL(Optimizer):
         s.measuring = True
         s.accumulated = 0  # a partly accumulated training batch is dropped
         self._measurement = []
-        for b in self._buckets:
-            self._acc(b).zero_()
 
     def _gradient_call(self, closure) -> tuple[object, torch.Tensor, int]:
         seed = draw_seed()
-        out, loss = call_closure(closure, seed, self._cuda_devices, backwards=True)
-        self._scalars.forwards += 1
-        self._scalars.backwards += 1
-        for b in self._buckets:
-            if not b.grads_intact():
-                b.adopt_grads()  # None (unused, or zero_grad(set_to_none)) counts as zero
-            if self._accumulating():
-                self._acc(b).add_(b.grad)
+        out, loss = self._first_call(closure, seed)  # (a None gradient counts as zero)
+        s = self._scalars
+        s.forwards += 1
+        s.backwards += 1
+        if self._accumulating():  # (the batch's first gradient is copied: no zeroing between sums)
+            first = (len(self._measurement) if s.measuring else s.accumulated) == 0
+            for b in self._buckets:
+                self._acc(b).copy_(b.grad) if first else self._acc(b).add_(b.grad)
         return out, loss, seed
 
     def _accumulating(self) -> bool:
@@ -408,9 +333,6 @@ class LABPAL(Optimizer):
                 skip = (~ok).to(torch.int64)
                 self._device_skips = skip if self._device_skips is None else self._device_skips + skip
         s.accumulated = 0
-        if self._accumulating():
-            for b in self._buckets:
-                self._acc(b).zero_()
         return out
 
     def _source(self, b: FlatBucket) -> torch.Tensor:
@@ -457,7 +379,7 @@ class LABPAL(Optimizer):
             out, loss, seed = self._gradient_call(closure)
         else:
             seed = draw_seed()
-            out, loss = call_closure(closure, seed, self._cuda_devices, backwards=False)
+            out, loss = self._first_call(closure, seed, backwards=False)
             s.forwards += 1
         self._measurement.append((closure, seed, float(loss)))
         if i + 1 == s.k:
@@ -486,7 +408,7 @@ class LABPAL(Optimizer):
     def _finish_measurement(self) -> None:
         s = self._scalars
         norm = self._line_norm
-        l0 = _nanmean([loss for _, _, loss in self._measurement])
+        l0 = nanmean([loss for _, _, loss in self._measurement])
         self._saved_buckets = 0  # buckets whose backup holds theta0 (the first point saves it)
         self._line_at = [0.0] * len(self._buckets)  # keep_backup=False: each bucket at theta0 - at * D
         try:
@@ -507,7 +429,7 @@ class LABPAL(Optimizer):
                 else:
                     s.history = (s.history + [step])[-self.window :]
                     s.lr_history = (s.lr_history + [lr])[-self.window :]
-                    s.step, s.lr = _nanmean(s.history), _nanmean(s.lr_history)
+                    s.step, s.lr = nanmean(s.history), nanmean(s.lr_history)
         else:
             s.rejected += 1
         if s.step is None:  # nothing accepted yet: back to theta0, measure again
@@ -527,8 +449,6 @@ class LABPAL(Optimizer):
         s.since_measurement = 0
         s.measuring = False
         self._measurement = []
-        for b in self._buckets:
-            self._acc(b).zero_()
 
     def _move_on_line(self, i: int, scale: float, write_buffer: bool = False) -> None:
         """keep_backup=False: bucket ``i`` to ``theta0 - scale * D`` from where it is on the line,
@@ -561,83 +481,18 @@ class LABPAL(Optimizer):
             self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
                                        scale=x / norm, save_backup=first, write_buffer=False)  # fmt: skip
             self._saved_buckets += first
-        buffers = [t for m in self._preserved for t in m.buffers()]
-        saved = [t.clone() for t in buffers]
         losses = []
-        self._in_measurement_eval = True
-        try:
+        with self._replaying() as replay:
             for closure, seed, _ in self._measurement:
-                _, loss = call_closure(closure, seed, self._cuda_devices, backwards=False)
+                _, loss = replay(closure, seed)
                 s.forwards += 1
                 losses.append(float(loss))
-                for t, v in zip(buffers, saved):
-                    t.copy_(v)
-        finally:
-            self._in_measurement_eval = False
-        return _nanmean(losses)
+        return nanmean(losses)
 
-    # -- state_dict --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Torch's layout (per-index ``momentum_buffer`` and ``accumulated_grad``) plus a
-        ``"labpal"`` entry with the counters, the step in use and its history."""
-        self._fold_device_skips()
-        sd = super().state_dict()
-        sd["labpal"] = asdict(self._scalars)
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume. A checkpoint taken in the middle of a measurement restarts that measurement
-        (its closures cannot be saved; the parameters are still at its starting point)."""
-        if "labpal" not in state_dict:
-            raise ValueError("not a LABPAL state_dict: it has no 'labpal' entry")
-        scalars = dict(state_dict["labpal"])
-        names = {f.name for f in fields(_Scalars)}
-        if not names.issubset(scalars):
-            raise ValueError(f"the state_dict's 'labpal' entry misses {sorted(names - set(scalars))}")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(g["params"]) != len(sg["params"]) for g, sg in zip(self.param_groups, saved_groups)
-        ):
-            raise ValueError("the state_dict's parameter groups do not match this optimizer's")
-        index_of = {p: i for g, sg in zip(self.param_groups, saved_groups) for p, i in zip(g["params"], sg["params"])}
-        copies = []
-        for p, entry in self.state.items():
-            saved = state_dict["state"].get(index_of[p])
-            for key, target in entry.items():
-                value = None if saved is None else saved.get(key)
-                if value is not None and (not isinstance(value, torch.Tensor) or value.shape != target.shape):
-                    raise ValueError(f"state {key!r} of parameter {index_of[p]} does not match its shape")
-                copies.append((target, value))
-        with torch.no_grad():
-            for target, value in copies:
-                target.zero_() if value is None else target.copy_(value)
-        for g, sg in zip(self.param_groups, saved_groups):
-            g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
-        self._scalars = _Scalars(**{n: scalars[n] for n in names})
+    # -- state_dict (saved and loaded by the shell, as a "labpal" entry beside torch's layout) ----
+    def _on_load(self) -> None:
+        """A checkpoint taken in the middle of a measurement restarts that measurement (its
+        closures cannot be saved; the parameters are still at its starting point)."""
         self._device_skips = None
-        self._scalars.history = list(self._scalars.history)
-        self._scalars.lr_history = list(self._scalars.lr_history)
         if self._scalars.measuring:
             self._start_measurement()
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
-
-
-def _check(ok: bool, name: str, value: Any, what: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid {name}={value!r}: {what}")
-
-
-def _real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
-
-
-def _positive(x) -> bool:
-    return _real(x) and x > 0 and math.isfinite(x)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

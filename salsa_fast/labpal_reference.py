@@ -1,5 +1,5 @@
 """LABPAL, restated plainly: per-parameter tensors, one formula per line, the reference's own
-parabola fit (``numpy.gradient`` twice). The ground truth :class:`salsa_fast.LABPAL` is tested
+parabola fit (``numpy.gradient`` twice, restated as :func:`gradient`). The ground truth :class:`salsa_fast.LABPAL` is tested
 against; same arguments, closure contract, seeding and fixes, none of its flat buffers.
 """
 
@@ -7,13 +7,30 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch.optim import Optimizer
 
 from .closure import call_closure, check_closure, draw_seed
 
 H = 1.77e-4
+
+
+def gradient(f: list[float], x: list[float]) -> list[float]:
+    """``numpy.gradient(f, x)`` (``edge_order=1``) in plain Python: one-sided first differences
+    at the two ends, the second-order central difference for uneven spacing inside."""
+    n = len(f)
+    out = [(f[1] - f[0]) / (x[1] - x[0])]
+    for i in range(1, n - 1):
+        d1, d2 = x[i] - x[i - 1], x[i + 1] - x[i]
+        out.append(-d2 / (d1 * (d1 + d2)) * f[i - 1] + (d2 - d1) / (d1 * d2) * f[i] + d1 / (d2 * (d1 + d2)) * f[i + 1])
+    out.append((f[-1] - f[-2]) / (x[-1] - x[-2]))
+    return out
+
+
+def nanmean(values: list[float]) -> float:
+    """The mean of the values that are not NaN (NaN if all are), as ``numpy.nanmean``."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
 
 
 class LABPALReference(Optimizer):
@@ -96,8 +113,8 @@ class LABPALReference(Optimizer):
             p.copy_((origin.to(D.dtype) - scale * (lr if use_group_lr else 1.0) * D).to(p.dtype))
 
     def _fit(self, l0, l1, l2):
-        x = np.array([0.0, H, self.mu])
-        f = np.array([l0, l1, l2])
+        x = [0.0, H, self.mu]
+        f = [l0, l1, l2]
         if self.fit == "exact":  # the interpolating parabola alpha x^2 + beta x + c, Lagrange form
             alpha = beta = 0.0
             for i in range(3):
@@ -107,8 +124,8 @@ class LABPALReference(Optimizer):
                 beta -= f[i] * (others[0] + others[1]) / denominator
             a, b = alpha, beta
         else:
-            slopes = np.gradient(f, x)
-            curvatures = np.gradient(slopes, x)
+            slopes = gradient(f, x)
+            curvatures = gradient(slopes, x)
             a, b = curvatures[0] / 2, slopes[0]
         return a, b, -b / (2 * a)
 
@@ -178,12 +195,12 @@ class LABPALReference(Optimizer):
         for closure, seed, _ in self.stored:
             losses.append(float(call_closure(closure, seed, [], backwards=False)[1]))
             self.forwards += 1
-        return float(np.nanmean(losses)) if not all(math.isnan(v) for v in losses) else float("nan")
+        return nanmean(losses)
 
     @torch.no_grad()
     def _finish(self):
         theta0 = [p.detach().clone() for p, _ in self._params()]
-        l0 = float(np.nanmean([loss for _, _, loss in self.stored]))
+        l0 = nanmean([loss for _, _, loss in self.stored])
         l1 = self._losses_at(theta0, H)
         l2 = self._losses_at(theta0, self.mu)
         a, b, s = self._fit(l0, l1, l2)

@@ -15,6 +15,8 @@ One :class:`StepState` per device; every bucket on the device reads it (``Hyper.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -83,3 +85,62 @@ class StepState:
         state = cls(torch.device(device), beta1, beta2)
         state.begin(bias_step)
         return state
+
+
+class DeviceSteps:
+    """The :class:`StepState` of every device the buckets live on, used together.
+
+    The first device's state holds the count of skips (the first bucket on each device counts a
+    skip in its own device's state, and every device sees the same flag, so all counts agree)."""
+
+    def __init__(self, devices, beta1: float, beta2: float, old: DeviceSteps | None = None) -> None:
+        kept = old.states if old is not None else {}
+        self.states = {d: kept.get(d) or StepState(d, beta1, beta2) for d in devices}
+        self.first = next(iter(self.states.values()))
+        self.set_betas(beta1, beta2)
+
+    def set_betas(self, beta1: float, beta2: float) -> None:
+        for state in self.states.values():
+            state.beta1, state.beta2 = beta1, beta2
+
+    def begin(self, bias_step: float) -> None:
+        for state in self.states.values():
+            state.begin(bias_step)
+
+    def end(self) -> None:
+        for state in self.states.values():
+            state.end()
+
+    @torch.no_grad()
+    def raise_flag(self, loss: torch.Tensor, grads_bad: torch.Tensor | None, probe, agree) -> None:
+        """Set every device's flag when the loss or a gradient is not finite on any device or
+        rank, without a sync. ``grads_bad`` is a GradScaler's finding (it checked every
+        gradient); without one, ``probe(loss)`` probes every bucket's gradients (and the loss it
+        is given, on the first device). ``agree(flag)`` takes the verdict of every rank."""
+        first = self.first
+        if loss.device.type == "cpu" and first.device.type != "cpu":  # a CPU loss: read for free
+            if not math.isfinite(loss):
+                first.flag.fill_(1.0)
+            loss = None  # (the flag still goes through the agreement)
+        elif loss.device != first.device:
+            loss = loss.to(first.device, non_blocking=True)
+        if grads_bad is None:
+            probe(loss)
+        else:
+            torch.maximum(first.flag, grads_bad.to(first.flag.dtype), out=first.flag)
+            if loss is not None:
+                torch.maximum(first.flag, (~torch.isfinite(loss)).to(first.flag.dtype), out=first.flag)
+        # one verdict for all devices (gathered on the first, sent back) and all ranks
+        if len(self.states) > 1:
+            torch.amax(torch.stack([st.flag.to(first.device) for st in self.states.values()]), out=first.flag)
+        agree(first.flag)
+        for state in self.states.values():
+            if state is not first:
+                state.flag.copy_(first.flag, non_blocking=True)
+
+    def read_skipped(self) -> torch.Tensor:
+        return self.first.read_skipped()
+
+    def counted(self) -> None:
+        for state in self.states.values():
+            state.counted()

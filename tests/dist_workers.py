@@ -42,7 +42,7 @@ def _disable_agreement() -> None:
     d.agree_on_search = lambda group, loss, pp_full, pp_sharded: torch.stack([loss, pp_full + pp_sharded])
     d.agree_on_loss = lambda group, loss: loss
     d.agree_on_flag = lambda group, flag: flag
-    import salsa_fast.optimizer as o
+    import salsa_fast.salsa as o
 
     o.agree_on_search, o.agree_on_loss, o.agree_on_flag = d.agree_on_search, d.agree_on_loss, d.agree_on_flag
 

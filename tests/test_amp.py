@@ -6,7 +6,7 @@ from helpers import digits, make_closure, max_abs_diff, mlp, next_step_searches
 from torch import nn
 
 from salsa_fast import SaLSA
-from salsa_fast.reference import SaLSAReference
+from salsa_fast.salsa_reference import SaLSAReference
 
 
 def _fp16_closure(model, scaler, xb, yb, poison=False):

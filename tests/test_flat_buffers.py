@@ -11,7 +11,7 @@ from helpers import convnet, digits, max_abs_diff, mlp, train
 from torch import nn
 
 from salsa_fast import SaLSA, SaLSAWarning
-from salsa_fast.reference import SaLSAReference
+from salsa_fast.salsa_reference import SaLSAReference
 
 
 def _inside(t, flat):

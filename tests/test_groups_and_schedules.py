@@ -7,7 +7,7 @@ import torch
 from helpers import max_abs_diff, mlp, train
 
 from salsa_fast import SaLSA, StepInfo
-from salsa_fast.reference import SaLSAReference
+from salsa_fast.salsa_reference import SaLSAReference
 
 
 def _groups(model, lr=(1.0, 0.3), wd=(0.0, 0.05)):
@@ -100,3 +100,63 @@ def test_diagnostics():
     assert 0 < opt.search_interval <= 10
     assert opt.stats["searches"] < 61  # not every step searched
     assert opt.stats["steps"] == 61
+
+
+def test_one_cycle_with_cycled_momentum_moves_beta1_like_the_reference():
+    """OneCycleLR's default ``cycle_momentum=True`` cycles every group's ``betas[0]``; SaLSA's
+    beta1 follows it, and the bias correction uses the current beta1 (as torch's Adam does).
+    The reference twin, given the same lr and beta1 before every step, takes the same steps."""
+    steps = 60
+    a, b = mlp(torch.float64), mlp(torch.float64)
+    opt = SaLSA(a.parameters())
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=steps)
+    ref = SaLSAReference(b.parameters())
+    schedule = []
+    for start in range(steps):
+        lr, betas = opt.param_groups[0]["lr"], opt.param_groups[0]["betas"]
+        schedule.append((lr, betas[0]))
+        train(a, opt, 1, dtype=torch.float64, start=start, rng_seed=start)
+        assert opt.betas[:2] == tuple(betas)
+        sched.step()
+    for start, (lr, beta1) in enumerate(schedule):
+        ref.param_groups[0]["lr"], ref.beta1 = lr, beta1
+        train(b, ref, 1, dtype=torch.float64, start=start, rng_seed=start)
+    assert len({beta1 for _, beta1 in schedule}) > 30  # beta1 really moved (0.95 -> 0.85 -> 0.95)
+    assert opt.stats["forwards"] == ref.forwards
+    assert max_abs_diff(a, b) <= 1e-7
+
+
+def test_cyclic_lr_with_cycled_momentum_runs_and_checkpoints_the_betas():
+    model = mlp(torch.float64)
+    opt = SaLSA(_groups(model))
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.1, max_lr=1.0, step_size_up=5)  # cycle_momentum=True
+    for start in range(12):
+        train(model, opt, 1, dtype=torch.float64, start=start, rng_seed=start)
+        sched.step()
+    assert opt.param_groups[0]["betas"] == opt.param_groups[1]["betas"]
+    assert opt.param_groups[0]["betas"][0] != 0.9
+    sd = opt.state_dict()
+    other = SaLSA(_groups(mlp(torch.float64)))
+    other.load_state_dict(sd)
+    # (the scheduler moved the groups' betas after the last step: both take them at the next)
+    assert other.betas[:2] == tuple(opt.param_groups[0]["betas"]) != opt.betas[:2]
+
+
+def test_labpal_momentum_follows_the_groups_between_measurements():
+    from salsa_fast import LABPAL
+
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), measure_batches=3, reuse_steps=6, warmup_updates=4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=40)
+    seen = []
+    for start in range(40):
+        group_momentum = opt.param_groups[0]["momentum"]
+        mid_measurement = opt.measuring and len(opt._measurement) > 0
+        before = opt.momentum
+        run = train(model, opt, 1, dtype=torch.float64, start=start, rng_seed=start)
+        # a new value takes effect at once, except inside a measurement, whose line must not change
+        assert opt.momentum == (before if mid_measurement else group_momentum)
+        seen.append(opt.momentum)
+        sched.step()
+    assert len(set(seen)) > 20 and math.isfinite(run.losses[-1])
+    assert opt.stats["measurements"] >= 3

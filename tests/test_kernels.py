@@ -166,7 +166,7 @@ def test_search_abort_restores_exactly(dtype):
     h = _hyper()
     triton_ops.search_begin(a, lr_step=0.5, decay=0.02, h=h)
     triton_ops.search_trial(a, lr_step=0.1, decay=0.02, h=h)
-    triton_ops.search_abort(a)
+    a.abort_search()
     for k, v in before.items():
         assert torch.equal(getattr(a, k), v)
     assert all(torch.equal(p, q) for p, q in zip(a.params, before_p))
@@ -278,11 +278,11 @@ def test_table_kernels_reach_every_parameter(dtype, special):
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
         ops.search_trial(bucket, lr_step=0.1, decay=0.02, h=h)
     _close_buckets(a, b, dtype)
-    triton_ops.search_abort(a)
+    a.abort_search()
     assert torch.equal(param_values(a), pre)
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
         ops.labpal_update(bucket, bucket.grad, count=1, momentum=0.5, scale=0.3, coef=None, ok=None)
-    torch_ops.search_abort(b)
+    b.abort_search()
     assert [p.stride() for p in a.params] == strides
 
 

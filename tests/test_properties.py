@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from salsa_fast import SaLSA
-from salsa_fast.reference import SaLSAReference
+from salsa_fast.salsa_reference import SaLSAReference
 
 # shapes of 0 to 3 dims (() is a 0-dim parameter), 1 to 5 parameters
 shapes = st.lists(st.lists(st.integers(1, 9), min_size=0, max_size=3).map(tuple), min_size=1, max_size=5)

@@ -10,7 +10,7 @@ import torch
 from helpers import chaotic_mlp, max_abs_diff, mlp, train
 
 from salsa_fast import SaLSA
-from salsa_fast.reference import SaLSAReference
+from salsa_fast.salsa_reference import SaLSAReference
 
 salsa = pytest.importorskip("salsa.SaLSA", reason="the published package (salsa-optimizer) is not installed")
 

@@ -5,7 +5,7 @@ import torch
 from helpers import convnet, max_abs_diff, mlp, pixel_lm, train
 
 from salsa_fast import SLS, SaLSA
-from salsa_fast.reference import SaLSAReference
+from salsa_fast.salsa_reference import SaLSAReference
 
 # Every option combination that changes a code path.
 OPTIONS = {

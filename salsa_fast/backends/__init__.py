@@ -1,16 +1,17 @@
-"""Backends: who runs SaLSA's per-element passes over the flat buffers.
+"""Backends: who runs the per-element passes over the flat buffers.
 
-A backend is a module with the functions of :mod:`salsa_fast.backends.torch_ops`
-(``probe``, ``plain_step``, ``search_begin``, ``search_trial``, ``search_momentum_point``,
-``search_commit``, ``search_abort``, ``lean_norm``, ``lean_trial``, ``lean_momentum_point``,
-``lean_restore`` for SaLSA, each taking the step's :class:`Hyper` with its device numbers;
-``labpal_sums``, ``labpal_update``, ``labpal_point`` for LABPAL). The choice never changes results
-beyond float rounding.
+A backend is a module that implements :class:`Backend`: SaLSA's passes, each taking the step's
+:class:`Hyper` with its device numbers, and LABPAL's. The choice never changes results beyond
+float rounding.
 
-* ``"torch"``: whole-buffer torch ops; runs everywhere.
-* ``"triton"``: :mod:`salsa_fast.kernels`, on CUDA tensors (or CPU tensors under
-  ``TRITON_INTERPRET=1``, for testing); a ``RuntimeError`` says why when it cannot run.
+* ``"torch"`` (:mod:`~salsa_fast.backends.torch_ops`): whole-buffer torch ops; runs everywhere.
+* ``"triton"`` (:mod:`~salsa_fast.backends.triton_ops`): :mod:`salsa_fast.kernels`, on CUDA
+  tensors (or CPU tensors under ``TRITON_INTERPRET=1``, for testing); a ``RuntimeError`` says
+  why when it cannot run.
 * ``"auto"``: Triton when every parameter is on CUDA and Triton imports, torch otherwise.
+
+The search bookkeeping both share (the backup, whether a search is active, its scratch) lives
+on :class:`~salsa_fast.flat.FlatBucket`.
 """
 
 from __future__ import annotations
@@ -18,14 +19,86 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterable
-from types import ModuleType
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 
-from . import torch_ops
-from .torch_ops import Hyper
+if TYPE_CHECKING:
+    from ..flat import FlatBucket
+    from ..step_state import StepState
 
-__all__ = ["NAMES", "Hyper", "resolve", "triton_unavailable_reason"]
+__all__ = ["NAMES", "Backend", "Hyper", "resolve", "triton_unavailable_reason"]
+
+
+class Hyper(NamedTuple):
+    """Per-step constants shared by every bucket of one device: host floats, and the step's
+    device-resident numbers (bias corrections, non-finite flag; see :mod:`salsa_fast.step_state`)."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    direction: str  # "adam" | "sgd"
+    use_mv: bool
+    state: StepState  # on the buckets' device
+
+
+class Backend(Protocol):
+    """What a backend module provides. Each pass handles one bucket; none syncs with the host.
+
+    ``lr_step`` is the group's ``lr`` times the step size; ``decay`` the weight-decay factor
+    (``p0 * (1 - decay)``); a *point* is ``p = p0 * (1 - decay) - lr_step * d``, with ``p0`` the
+    parameters at the step's start and ``d`` the search direction (or the momentum direction).
+    """
+
+    name: str
+
+    # -- SaLSA, every step
+    def probe(self, b: FlatBucket, h: Hyper, loss: torch.Tensor | None = None) -> None:
+        """Raise ``h.state.flag`` if a gradient of ``b`` (or ``loss``) is not finite."""
+
+    def plain_step(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, count_skip: bool = False) -> None:
+        """An Adam (or SGD) step with the moments updated; nothing where ``h.state.flag`` is set
+        (``count_skip``: then count the skip in ``h.state``, once per device and step)."""
+
+    # -- SaLSA's search with a backup (keep_backup=True)
+    def search_begin(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> torch.Tensor:
+        """Back up ``p``, build the search direction from the would-be moments, write the first
+        point; returns ``sum(g * d)`` (0-dim). The moments are not written."""
+
+    def search_trial(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+        """Write another point from the backup."""
+
+    def search_momentum_point(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+        """Write the point along the momentum direction (the search's fallback)."""
+
+    def search_commit(self, b: FlatBucket, *, h: Hyper) -> None:
+        """The search is decided: write the moments, end the search (``p`` stays)."""
+
+    # -- SaLSA's search without a backup (keep_backup=False; see backends.lean)
+    def lean_norm(self, b: FlatBucket, *, h: Hyper) -> torch.Tensor:
+        """``sum(g * d)`` (0-dim); the parameters are not touched."""
+
+    def lean_trial(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+        """Move ``p`` to a point along the search direction."""
+
+    def lean_momentum_point(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+        """Move ``p`` to the point along the momentum direction."""
+
+    def lean_restore(self, b: FlatBucket, *, h: Hyper) -> None:
+        """Move ``p`` back to ``p0`` and end the search."""
+
+    # -- LABPAL (``D = src / count + momentum * exp_avg``, rebuilt by every pass)
+    def labpal_sums(self, b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(||D||^2, <d, D>)`` as 0-dim fp64 tensors."""
+
+    def labpal_update(self, b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float, scale: float,
+                      coef: torch.Tensor | None, ok: torch.Tensor | None, write_buffer: bool = True) -> None:  # fmt: skip
+        """``p -= scale * coef * D``; the momentum buffer becomes ``D``; nothing where ``ok`` is False."""
+
+    def labpal_point(self, b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float, scale: float,
+                     save_backup: bool, write_buffer: bool) -> None:  # fmt: skip
+        """``p = backup - scale * D`` (``save_backup``: first ``backup = p``)."""
+
 
 NAMES = ("auto", "triton", "torch")
 
@@ -52,8 +125,10 @@ def triton_unavailable_reason(devices: Iterable[torch.device]) -> str | None:
     return None
 
 
-def resolve(name: str, devices: Iterable[torch.device]) -> ModuleType:
+def resolve(name: str, devices: Iterable[torch.device]) -> Backend:
     """The backend module for ``name`` (one of :data:`NAMES`) on the parameters' devices."""
+    from . import torch_ops
+
     devices = list(devices)
     if name == "torch":
         return torch_ops

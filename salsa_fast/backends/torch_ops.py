@@ -11,8 +11,8 @@ fp64 parameters); low-precision parameters are widened, updated and rounded back
 Search steps never write ``exp_avg``/``exp_avg_sq`` before the search has finished: the first
 pass computes the search direction from the *would-be* moments into a scratch buffer and the
 moments are committed at the end. That keeps a failed step (non-finite loss or gradient, or a
-closure that raises during a trial) exactly undoable: restore ``p`` from the backup, drop the
-scratch, and no state has changed. The commit recomputes the moments from the gradient buffer
+closure that raises during a trial) exactly undoable: restore ``p`` from the backup
+(:meth:`FlatBucket.abort_search`), drop the scratch, and no state has changed. The commit recomputes the moments from the gradient buffer
 with the same ops, so they equal the ones the direction was built from.
 
 Non-search Adam steps use torch's fused AdamW kernel over the parameter list (one pass, 28
@@ -23,27 +23,12 @@ sync, and it corrects with the device's step count.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from ..flat import FlatBucket
-from ..step_state import StepState
-from . import lean
+from . import Hyper, lean
 
 name = "torch"
-
-
-class Hyper(NamedTuple):
-    """Per-step constants shared by every bucket of one device: host floats, and the step's
-    device-resident numbers (bias corrections, non-finite flag; see :mod:`salsa_fast.step_state`)."""
-
-    beta1: float
-    beta2: float
-    eps: float
-    direction: str  # "adam" | "sgd"
-    use_mv: bool
-    state: StepState  # on the buckets' device
 
 
 def _buffer(b: FlatBucket, name: str) -> torch.Tensor:
@@ -227,9 +212,7 @@ def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> to
     Returns this bucket's unscaled ``sum(g * direction)`` as a 0-dim tensor (state dtype).
     Moments are not touched (see the module docstring).
     """
-    b.ensure_backup()
-    torch._foreach_copy_(b.views("backup"), b.tensors())
-    b.search_active = True
+    b.save_backup()
     g = _in_state_dtype(b, b.grad, "g")
     d = b.scratch["direction"] = _search_direction(b, g, h)
     pp = torch.dot(g, d)
@@ -256,14 +239,6 @@ def search_commit(b: FlatBucket, *, h: Hyper) -> None:
     Allocates nothing (mixed-dtype in-place ops widen a low-precision gradient on the fly), so
     it cannot fail for want of memory after the search has been decided."""
     _commit_moments(b, b.grad, h)
-    b.end_search()
-
-
-@torch.no_grad()
-def search_abort(b: FlatBucket) -> None:
-    """Undo a search step: ``p`` back to its pre-step value, moments untouched."""
-    if b.search_active:
-        b.copy_params_from(b.backup)
     b.end_search()
 
 

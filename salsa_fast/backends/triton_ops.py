@@ -12,8 +12,7 @@ import torch
 from ..flat import FlatBucket
 from ..kernels import adam_step, labpal, lean_search, probe as probe_kernel, search
 from ..kernels.reduce import finish
-from . import lean
-from .torch_ops import Hyper
+from . import Hyper, lean
 
 name = "triton"
 
@@ -31,7 +30,7 @@ def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> to
     partials = search.first_pass(b, lr_step=lr_step, decay=decay, h=h)
     # Only now is there a backup to go back to: a launch that raised wrote nothing, and marking
     # the search active before it would make the abort copy an unwritten backup over p.
-    b.search_active = True
+    b.backup_written()
     return finish(partials)
 
 
@@ -45,12 +44,6 @@ def search_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyp
 
 def search_commit(b: FlatBucket, *, h: Hyper) -> None:
     search.commit(b, h=h)
-    b.end_search()
-
-
-def search_abort(b: FlatBucket) -> None:
-    if b.search_active:
-        b.copy_params_from(b.backup)
     b.end_search()
 
 

@@ -1,0 +1,495 @@
+"""SaLSA: the optimizer. Closure handling, the line search, the search interval, state_dict.
+
+The per-element work (moments, directions, trial points, reductions) lives in the backends and
+runs once per flat buffer; this file only makes decisions, on host floats. What it costs in host
+syncs: none on a non-search step, one per search (the gradient-pass loss, the preconditioned
+norm and the count of skips the device made, read together) and one per trial (its loss). A
+non-search step with a non-finite loss or gradient is skipped on the device; what the host
+counts of it waits for that next read (:mod:`salsa_fast.step_state`). On CPU tensors a "sync"
+is free, so there the host reads the count after every step.
+
+``salsa_fast/salsa_reference.py`` is the readable per-parameter statement of the same algorithm; the
+tests hold this class to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import backends
+from ._flat_optimizer import FlatOptimizer, SaLSAWarning, check, count, finite, is_int, is_real
+from .amp import ScalerLink
+from .armijo import FAST, MIN_LOSS, SLOW, backtrack, search_interval
+from .closure import draw_seed
+from .distributed import agree_on_flag, agree_on_loss, agree_on_search, resolve_group
+from .flat import FlatBucket
+from .profiling import annotate
+from .step_state import DeviceSteps
+
+__all__ = ["SaLSA", "StepInfo", "SaLSAWarning"]
+
+# Keys that are properties of the whole search and cannot differ between param groups.
+_GLOBAL_KEYS = frozenset(
+    "init_step_size c momentum speed_up use_mv direction growth decrease eps "
+    "max_backtracks max_interval backend process_group grad_scaler keep_backup".split()
+)
+_WARMUP_SEARCHES = 10  # steps 1..9 always search
+
+
+_NONFINITE = (
+    "non-finite loss or gradient: SaLSA skipped this step (parameters and state unchanged); "
+    "`optimizer.stats['skipped_steps']` counts such steps (on CUDA, as of the next search)"
+)
+
+
+@dataclass
+class _Scalars:
+    """Every global scalar of the algorithm and the run's counters (all host numbers), each with
+    the check a checkpoint's value must pass."""
+
+    step_size: float = finite(1.0, 0.0, strict=True)  # eta: the step size the last search accepted
+    step: int = count()  # k: steps taken (skipped steps excluded)
+    decrease_avg: float = finite(0.0)  # h: smoothed loss decrease
+    norm_avg: float = finite(0.0, 0.0)  # s: smoothed preconditioned gradient norm
+    step_size_slow: float = finite(1e-8, 0.0, strict=True)
+    step_size_fast: float = finite(1e-8, 0.0, strict=True)
+    since_search: int = count(100)
+    forwards: int = count()  # closure calls
+    backwards: int = count()  # closure calls with backwards=True
+    searches: int = count()
+    trials: int = count()
+    skipped: int = count()  # non-finite steps skipped
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the last ``step()`` did (``SaLSA.last_step``)."""
+
+    searched: bool = False  # it ran a line search
+    trials: int = 0  # closure calls without backward in this step
+    accepted: bool = False  # a trial met the criterion (False on non-search steps)
+    skipped: bool = False  # non-finite loss/gradient: nothing was changed
+    step_size: float = float("nan")  # the step size after this step
+
+
+class SaLSA(FlatOptimizer):
+    r"""Stable Armijo Line Search Adaptation: Adam (or SGD) with no learning rate to tune.
+
+    Every few steps a backtracking line search on the mini-batch loss finds the step size, with
+    an Armijo criterion whose two sides are smoothed by an exponential moving average; between
+    searches it takes Adam steps with the step size it found. Same algorithm, same defaults and
+    the same decisions as the published ``salsa-optimizer`` package, on flat parameter buffers.
+
+    Args:
+        params: parameters or param-group dicts. Per group, ``lr`` (default 1.0) multiplies the
+            found step size (so LR schedulers compose with the search) and ``weight_decay``
+            overrides the default.
+        init_step_size: the first step size tried (grown by ``growth`` before every step).
+        c: the sufficient-decrease constant of the Armijo criterion.
+        momentum: ``(beta1, beta2, beta3)``: Adam's betas and the smoothing of the criterion;
+            ``beta3 = 0`` is the plain Armijo criterion. ``(beta1, beta2)`` is also every param
+            group's ``betas``, alike in all groups, which schedulers with ``cycle_momentum``
+            move (as for torch's Adam, the bias correction uses the current ``beta1``).
+        speed_up: search only every few steps (the interval adapts to how fast the step size
+            changes); ``False`` searches every step.
+        use_mv: trial steps along the bias-corrected momentum instead of the gradient.
+        weight_decay: decoupled weight decay, ``p -= weight_decay * lr * step_size * p`` before
+            every step.
+        direction: ``"adam"`` (preconditioned) or ``"sgd"``.
+        growth: the step size is multiplied by this before each step.
+        decrease: backtracking factor after a failed trial.
+        eps: Adam's epsilon.
+        max_backtracks: most trials in one search.
+        max_interval: most steps between two searches.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        process_group: the ranks that must take the same decisions (default: the world, when
+            torch.distributed is initialised); see :mod:`salsa_fast.distributed`.
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 training: the closure calls
+            ``scaler.scale(loss).backward()`` and returns the unscaled loss; SaLSA unscales,
+            skips overflowing steps and updates the scaler (see :mod:`salsa_fast.amp`).
+        keep_backup: ``True`` keeps a copy of the parameters during a search and computes every
+            trial point from it. ``False`` keeps no buffer beyond Adam's (gradients and the
+            two moments): each trial is reached from the previous point and a failed or
+            aborted search moves back the same way, exact to one rounding per element per
+            move. Same decisions in float64; see the README's memory section.
+    """
+
+    name = "SaLSA"
+    entry = "salsa"
+    Scalars = _Scalars
+    global_keys = _GLOBAL_KEYS
+    per_group_hint = (
+        "SaLSA finds one step size for all groups, so only 'lr' (a multiplier on the step size) and "
+        "'weight_decay' may differ per group ('betas' may be set, alike in every group, for schedulers)"
+    )
+    group_numbers = ("lr", "weight_decay")
+    shared_across_groups = ("betas",)
+    shards = True
+
+    def __init__(
+        self,
+        params,
+        init_step_size: float = 1.0,
+        c: float = 0.5,
+        momentum: tuple[float, float, float] = (0.9, 0.999, 0.9),
+        speed_up: bool = True,
+        use_mv: bool = False,
+        weight_decay: float = 0.0,
+        *,
+        direction: str = "adam",
+        growth: float = 1.1,
+        decrease: float = 0.8,
+        eps: float = 1e-8,
+        max_backtracks: int = 100,
+        max_interval: float = 10,
+        backend: str = "auto",
+        process_group=None,
+        grad_scaler=None,
+        keep_backup: bool = True,
+    ):
+        check(is_real(init_step_size) and init_step_size > 0, "init_step_size", init_step_size, "must be > 0")
+        check(is_real(c) and c > 0, "c", c, "must be > 0")
+        try:
+            beta1, beta2, beta3 = (float(b) for b in momentum)
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid momentum={momentum!r}: must be three floats (beta1, beta2, beta3)") from None
+        for i, beta in enumerate((beta1, beta2, beta3), 1):
+            check(0.0 <= beta < 1.0, f"momentum (beta{i})", momentum, f"beta{i} must be in [0, 1)")
+        check(is_real(eps) and eps > 0, "eps", eps, "must be > 0")
+        check(is_real(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0")
+        check(is_real(growth) and growth > 1 and math.isfinite(growth), "growth", growth, "must be > 1")
+        check(is_real(decrease) and 0 < decrease < 1, "decrease", decrease, "must be in (0, 1)")
+        check(is_int(max_backtracks) and max_backtracks >= 1, "max_backtracks", max_backtracks, "must be an int >= 1")
+        check(is_real(max_interval) and max_interval > 0, "max_interval", max_interval, "must be > 0")
+        check(direction in ("adam", "sgd"), "direction", direction, "must be 'adam' or 'sgd'")
+        resolve_group(process_group)  # a group without torch.distributed is a ValueError
+
+        self.init_step_size = float(init_step_size)
+        self.c = float(c)
+        self.betas = (beta1, beta2, beta3)
+        self.speed_up = bool(speed_up)
+        self.use_mv = bool(use_mv)
+        self.direction = direction
+        self.keep_second_moment = direction == "adam"
+        self.growth = float(growth)
+        self.decrease = float(decrease)
+        self.eps = float(eps)
+        self.max_backtracks = max_backtracks
+        self.max_interval = float(max_interval)
+        self.process_group = process_group
+        self._scalars = _Scalars(step_size=self.init_step_size)
+        defaults = dict(lr=1.0, weight_decay=float(weight_decay), betas=(beta1, beta2))
+        super().__init__(params, defaults, backend=backend, keep_backup=keep_backup)
+        self._last = StepInfo(step_size=self.init_step_size)
+        # The per-step numbers the kernels read on each device (salsa_fast.step_state); on CUDA
+        # the count of skipped non-search steps waits there for the next search's one sync.
+        self._steps: DeviceSteps | None = None
+        self._unread_skips = False  # a non-search step ran since the host last read that count
+        self._scaler = ScalerLink(grad_scaler, self) if grad_scaler is not None else None
+        self._pack()
+
+    # -- parameter groups and flat buffers (the shell is salsa_fast._flat_optimizer) ---------------
+
+    def _check_group_values(self, group: dict[str, Any], where: str) -> None:
+        super()._check_group_values(group, where)
+        if "betas" in group:
+            betas = group["betas"]
+            ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_real(b) and 0 <= b < 1 for b in betas)
+            check(ok, f"{where} 'betas'", betas, "must be (beta1, beta2), each in [0, 1)")
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        group["step_size"] = self._scalars.step_size
+
+    def _state_buffers(self, b: FlatBucket) -> dict[str, torch.Tensor]:
+        moments = {"exp_avg": b.exp_avg, "exp_avg_sq": b.exp_avg_sq}
+        return {key: flat for key, flat in moments.items() if flat is not None}
+
+    def _missing_state_hint(self, key: str) -> str:
+        return f" (a checkpoint of direction={'sgd' if self.direction == 'adam' else 'adam'}?)"
+
+    def _on_repack(self) -> None:
+        """One :class:`StepState` per device, each bucket's :class:`Hyper`, and which bucket
+        counts a device-side skip (the first of each device)."""
+        buckets = self._buckets
+        devices = dict.fromkeys(b.device for b in buckets)
+        self._steps = DeviceSteps(devices, *self.betas[:2], old=self._steps)
+        self._make_hypers()
+        first_of_device = {}
+        for b in buckets:
+            first_of_device.setdefault(b.device, b)
+        self._counts_skip = [first_of_device[b.device] is b for b in buckets]  # once per device
+
+    def _make_hypers(self) -> None:
+        beta1, beta2 = self.betas[:2]
+        self._steps.set_betas(beta1, beta2)
+        hypers = {
+            d: backends.Hyper(beta1, beta2, self.eps, self.direction, self.use_mv, state)
+            for d, state in self._steps.states.items()
+        }
+        self._hypers = [hypers[b.device] for b in self._buckets]  # each bucket's, in bucket order
+
+    def _on_shared(self, key: str, betas: tuple[float, float]) -> None:
+        """Adam's betas follow the groups' ``betas`` (moved by schedulers that cycle momentum)."""
+        self.betas = (float(betas[0]), float(betas[1]), self.betas[2])
+        self._make_hypers()
+
+    # -- diagnostics -------------------------------------------------------------------------------
+
+    @property
+    def step_size(self) -> float:
+        """The step size the last search found (each group steps with ``lr`` times it)."""
+        return self._scalars.step_size
+
+    @property
+    def search_interval(self) -> float:
+        """Steps between searches implied by the two step-size averages (at most ``max_interval``)."""
+        return search_interval(self._scalars.step_size_slow, self._scalars.step_size_fast, self.max_interval)
+
+    @property
+    def last_step(self) -> StepInfo:
+        """What the last ``step()`` did."""
+        return self._last
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Numbers worth logging: step size, search interval, counters of the whole run.
+
+        Reading it never syncs; on CUDA, ``skipped_steps`` counts device-side skips of
+        non-search steps as of the last search (``state_dict()`` counts them all)."""
+        s = self._scalars
+        return {
+            "step_size": s.step_size,
+            "search_interval": self.search_interval,
+            "searched": float(self._last.searched),
+            "trials": float(self._last.trials),
+            "steps": s.step,
+            "forwards": s.forwards,
+            "backwards": s.backwards,
+            "searches": s.searches,
+            "total_trials": s.trials,
+            "skipped_steps": s.skipped,
+        }
+
+    def _fold_pending_skips(self) -> None:
+        """Count the non-search steps the device skipped since the host last looked (one sync,
+        only if a step ran on the device path since then)."""
+        if self._unread_skips:
+            self._count_device_skips(int(self._steps.read_skipped().item()))
+
+    def _count_device_skips(self, n: int, just_now: bool = False) -> None:
+        """The device skipped ``n`` non-search steps the host counted as taken: take them back
+        (the step count and the search interval leave skipped steps out, as on the host path)."""
+        self._unread_skips = False
+        if not n:
+            return
+        s = self._scalars
+        s.skipped += n
+        s.step -= n
+        s.since_search -= n
+        self._steps.counted()
+        if just_now:  # (CPU: read right after the step)
+            self._last = StepInfo(skipped=True, step_size=s.step_size)
+        if self._scaler is None or not self._scaler.enabled:  # overflow skips under a GradScaler are routine
+            self._warn_once("nonfinite", _NONFINITE)
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def step(self, closure=None):  # type: ignore[override]
+        """One SaLSA step; returns the loss of the gradient pass (what the closure returned)."""
+        self._begin_step(closure)
+        seed = draw_seed()
+        out, loss = self._first_call(closure, seed)
+        scaling = self._scaler is not None and self._scaler.enabled
+        grads_bad = self._scaler.unscale(self._buckets) if scaling else None
+
+        s = self._scalars
+        k = s.step + 1  # (on CUDA: plus the skips the device made that the host has not read)
+        since = s.since_search + 1
+        # Adam's bias corrections count one ahead of the steps, as the published package does;
+        # each device subtracts the skips it has not reported (see salsa_fast.step_state)
+        self._steps.begin(float(max(1, k + 1)))
+        eta = s.step_size
+        # per bucket: its group's step-size multiplier and weight-decay factor (old step size)
+        groups = self.param_groups
+        lrs = [float(groups[b.group_index]["lr"]) for b in self._buckets]
+        decays = [lr * float(groups[b.group_index]["weight_decay"]) * eta for b, lr in zip(self._buckets, lrs)]
+
+        try:
+            if not self._searches(k, since):
+                with annotate("salsa.plain_step"):
+                    result = self._plain_step(out, loss, k, since, lrs, decays, grads_bad)
+            else:
+                with annotate("salsa.search"):
+                    result = self._search_step(closure, seed, out, loss, k, lrs, decays, grads_bad)
+        finally:
+            self._steps.end()
+        if scaling:
+            self._scaler.update()
+        return result
+
+    def _searches(self, k: int, since: int) -> bool:
+        """Whether step ``k``, ``since`` steps after the last search, runs a line search."""
+        return not self.speed_up or k < _WARMUP_SEARCHES or since >= self.search_interval
+
+    def _plain_step(self, out, loss, k, since, lrs, decays, grads_bad):
+        backend, s = self._backend, self._scalars
+        self._raise_flags(loss, grads_bad)
+        eta_try = s.step_size * self.growth
+        for b, h, lr, decay, counts in zip(self._buckets, self._hypers, lrs, decays, self._counts_skip):
+            backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, count_skip=counts)
+        s.step, s.since_search = k, since
+        s.forwards += 1
+        s.backwards += 1
+        self._finish(StepInfo(searched=False, step_size=s.step_size))
+        self._unread_skips = True
+        if self._host_checks:  # CPU: reading the count is free, so the host knows at once
+            self._count_device_skips(int(self._steps.read_skipped()), just_now=True)
+        return out
+
+    def _raise_flags(self, loss, grads_bad) -> None:
+        """Flag a non-finite loss or gradient on every device, without a sync (see
+        :meth:`DeviceSteps.raise_flag`); each bucket's probe checks its gradients."""
+        group = resolve_group(self.process_group)
+
+        def probe(loss):  # (the first bucket, on the first state's device, checks the loss)
+            for i, (b, h) in enumerate(zip(self._buckets, self._hypers)):
+                self._backend.probe(b, h, loss if i == 0 else None)
+
+        self._steps.raise_flag(loss, grads_bad, probe, lambda flag: agree_on_flag(group, flag))
+
+    def _write_points(self, write, eta, lrs, decays) -> None:
+        """Write every bucket's parameters with one backend pass (a trial or fallback point)."""
+        for b, h, lr, decay in zip(self._buckets, self._hypers, lrs, decays):
+            write(b, lr_step=lr * eta, decay=decay, h=h)
+
+    def _search_step(self, closure, seed, out, loss, k, lrs, decays, grads_bad):
+        backend, s = self._backend, self._scalars
+        group = resolve_group(self.process_group)
+        beta3 = self.betas[2]
+        buckets = self._buckets
+        eta_try = s.step_size * self.growth
+        forwards = 1
+        trials = 0
+        accepted = False
+        demoted = False
+        decrease_avg = s.decrease_avg
+        with self._replaying() as replay:
+            try:
+                dev = buckets[0].device
+                pp_full = torch.zeros((), dtype=torch.float64, device=dev)  # norm of whole parameters
+                pp_sharded = torch.zeros((), dtype=torch.float64, device=dev)  # of this rank's shards
+                for b, h, lr, decay in zip(buckets, self._hypers, lrs, decays):
+                    if self.keep_backup:  # back up p, write the first trial point, sum(g * d)
+                        pp_b = backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h)
+                    else:  # only sum(g * d): the parameters move once the search is decided
+                        pp_b = backend.lean_norm(b, h=h)
+                    pp_b = lr * pp_b.to(dev, torch.float64)
+                    if b.sharded:
+                        pp_sharded = pp_sharded + pp_b
+                    else:
+                        pp_full = pp_full + pp_b
+                agreed = agree_on_search(group, loss.to(dev, torch.float64), pp_full, pp_sharded)
+                skipped = self._steps.read_skipped().to(dev).reshape(1)
+                loss_v, pp_v, skipped_v = torch.cat([agreed, skipped]).tolist()  # the one sync of the search
+                self._count_device_skips(int(skipped_v))
+                if skipped_v:  # the device skipped steps since the last search: now the host knows
+                    k -= int(skipped_v)
+                    demoted = not self._searches(k, s.since_search + 1)
+                if demoted:  # without those steps, this one is not due to search: undo, and step
+                    self._abort()
+                elif not (math.isfinite(loss_v) and math.isfinite(pp_v)):
+                    self._abort()
+                    return self._skip(out, warn=self._scaler is None or not self._scaler.enabled)
+                else:
+                    norm_avg = beta3 * s.norm_avg + (1 - beta3) * pp_v
+                    if abs(loss_v) >= MIN_LOSS and norm_avg >= MIN_LOSS:
+                        if loss_v < 0:
+                            self._warn_once(
+                                "negative",
+                                "the loss is negative: SaLSA's Armijo criterion assumes a loss bounded below "
+                                "(e.g. >= 0); the search goes on, but the step size may grow without bound",
+                            )
+                        trial_point = backend.search_trial if self.keep_backup else backend.lean_trial
+                        if not self.keep_backup:
+                            self._write_points(trial_point, eta_try, lrs, decays)
+
+                        def trial_loss() -> float:
+                            _, value = replay(closure, seed)
+                            if group is not None:
+                                value = agree_on_loss(group, value.to(dev, torch.float64))
+                            return float(value)  # one sync per trial
+
+                        eta_try, accepted, trials, decrease_avg = backtrack(
+                            trial_loss, lambda eta: self._write_points(trial_point, eta, lrs, decays),
+                            loss=loss_v, eta=eta_try, norm_avg=norm_avg, decrease_avg=s.decrease_avg, beta3=beta3,
+                            c=self.c, decrease=self.decrease, max_backtracks=self.max_backtracks,
+                        )  # fmt: skip
+                    else:
+                        # Loss or norm too small for the criterion: step along the momentum direction.
+                        momentum_point = (
+                            backend.search_momentum_point if self.keep_backup else backend.lean_momentum_point
+                        )
+                        self._write_points(momentum_point, eta_try, lrs, decays)
+                        replay(closure, seed)
+                        forwards += 1
+                    # The moments last: a commit that fails leaves the step undone, as every other
+                    # failure does (with several buckets, only those not yet committed go back).
+                    for b, h in zip(buckets, self._hypers):
+                        backend.search_commit(b, h=h)
+            except BaseException:
+                self._abort()
+                raise
+        if demoted:
+            return self._plain_step(out, loss, k, s.since_search + 1, lrs, decays, grads_bad)
+
+        s.step, s.since_search = k, 0
+        s.norm_avg, s.decrease_avg = norm_avg, decrease_avg
+        s.step_size = eta_try
+        s.step_size_slow = s.step_size_slow * SLOW + eta_try * (1 - SLOW)
+        s.step_size_fast = s.step_size_fast * FAST + eta_try * (1 - FAST)
+        s.forwards += forwards + trials
+        s.backwards += 1
+        s.searches += 1
+        s.trials += trials
+        self._finish(StepInfo(searched=True, trials=trials, accepted=accepted, step_size=eta_try))
+        return out
+
+    def _abort(self) -> None:
+        """Back to the step's starting point, the moments untouched (every bucket, even if one
+        of them fails to move: the exception that follows is the first one)."""
+        errors = []
+        for b, h in zip(self._buckets, self._hypers):
+            try:
+                if self.keep_backup:
+                    b.abort_search()
+                else:
+                    self._backend.lean_restore(b, h=h)
+            except BaseException as e:  # (keep restoring the others)
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _skip(self, out, warn: bool = True):
+        """Nothing changes; counted. (Overflow skips under a GradScaler are routine: no warning.)"""
+        s = self._scalars
+        s.skipped += 1
+        s.forwards += 1
+        s.backwards += 1
+        if warn:
+            self._warn_once("nonfinite", _NONFINITE)
+        self._finish(StepInfo(skipped=True, step_size=s.step_size))
+        return out
+
+    def _finish(self, info: StepInfo) -> None:
+        self._last = info
+        for group in self.param_groups:
+            group["step_size"] = info.step_size
+
+    def _on_load(self) -> None:
+        self._steps.counted()  # skips of the run being replaced: not ours
+        self._unread_skips = False
+        self._last = StepInfo(step_size=self._scalars.step_size)
