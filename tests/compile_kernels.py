@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions (before triton is imported)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # (Triton 3.9 warns when it is unset)
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # (a cache hit would bring no ptxas report)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's salsa_fast
 
 import torch  # noqa: E402
 import triton  # noqa: E402

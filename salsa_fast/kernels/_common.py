@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel families: launch constants, scalar passing, IEEE math."""
+"""Helpers shared by the kernel families: launch constants, scalar passing, IEEE math, SaLSA's
+Adam arithmetic."""
 
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ def scalar(hi, lo, ST: tl.constexpr):
 @triton.jit
 def moment_constants(b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr,
                      pow2_ptr, ST: tl.constexpr):  # fmt: skip
-    """The moment constants in the math dtype ``ST``: beta1, 1 - beta1, beta2, 1 - beta2, the two
-    bias corrections (``1 - beta ** step`` from the step's device state, in fp64) and eps."""
+    """The moment constants ``mc`` in the math dtype ``ST``: beta1, 1 - beta1, beta2, 1 - beta2, the
+    two bias corrections (``1 - beta ** step`` from the step's device state, in fp64) and eps."""
     b1, omb1 = scalar(b1_hi, b1_lo, ST), scalar(omb1_hi, omb1_lo, ST)
     b2, omb2 = scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST)
     c1, c2 = (1.0 - tl.load(pow1_ptr)).to(ST), (1.0 - tl.load(pow2_ptr)).to(ST)
@@ -119,3 +120,32 @@ def store(ptrs, value, mask):
         tl.store(ptrs, value)
     else:
         tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
+def first_moment(m, g, b1, omb1):
+    return m * b1 + omb1 * g
+
+
+@triton.jit
+def second_moment(v, g, b2, omb2):
+    return v * b2 + omb2 * g * g
+
+
+@triton.jit
+def direction(g, m_ptrs, v_ptrs, mask, mc, ST: tl.constexpr, MOMENTUM: tl.constexpr, ADAM: tl.constexpr):
+    """``(d, m, v)``: the step's moments from the stored ones (read, not written; ``g`` where not
+    computed) and its direction, ``mhat`` (MOMENTUM) or ``g``, divided by ``sqrt(vhat) + eps`` (ADAM).
+    SaLSA's Adam arithmetic lives here alone (the commit uses the moment helpers above), so that the
+    plain step, the search passes and the lean search agree with each other and track the torch
+    backend to the last bits: math in ``ST`` (fp32; fp64 for fp64 parameters) in torch's order of
+    operations, ``mhat / (sqrt(v / corr2) + eps)`` with IEEE-rounded divisions, not reciprocals."""
+    b1, omb1, b2, omb2, c1, c2, eps = mc
+    d, m, v = g, g, g
+    if MOMENTUM:
+        m = first_moment(load(m_ptrs, mask), g, b1, omb1)
+        d = div(m, c1, ST)
+    if ADAM:
+        v = second_moment(load(v_ptrs, mask), g, b2, omb2)
+        d = div(d, sqrt(div(v, c2, ST), ST) + eps, ST)
+    return d, m, v

@@ -13,22 +13,16 @@ import triton
 import triton.language as tl
 
 from . import table
-from ._common import NUM_WARPS, div, load, moment_args, moment_constants, rounded, scalar, split, sqrt, store
+from ._common import NUM_WARPS, direction, load, moment_args, moment_constants, rounded, scalar, split, store
 
 
 @triton.jit
-def _chunk_step(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
-                ST: tl.constexpr, ADAM: tl.constexpr):  # fmt: skip
+def _chunk_step(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, lr, keep, mc, ST: tl.constexpr, ADAM: tl.constexpr):
     p = load(p_ptrs, mask).to(ST)
     g = load(g_ptrs, mask).to(ST)
-    m = load(m_ptrs, mask)
     p = p * keep  # (keep = 1 - decay; times 1 is exact, and a branch would double the variants)
-    m = m * b1 + omb1 * g
-    d = div(m, c1, ST)
+    d, m, v = direction(g, m_ptrs, v_ptrs, mask, mc, ST, True, ADAM)
     if ADAM:
-        v = load(v_ptrs, mask)
-        v = v * b2 + omb2 * g * g
-        d = div(d, sqrt(div(v, c2, ST), ST) + eps, ST)
         store(v_ptrs, v, mask)
     store(m_ptrs, m, mask)
     store(p_ptrs, rounded(p - lr * d, p_ptrs.dtype.element_ty), mask)
@@ -44,15 +38,13 @@ def _plain_step_kernel(
     pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     if tl.load(flag_ptr) == 0:
         lr, keep = scalar(lr_hi, lr_lo, ST), scalar(keep_hi, keep_lo, ST)
-        b1, omb1, b2, omb2, c1, c2, eps = moment_constants(
-            b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr, pow2_ptr, ST
-        )
+        mc = moment_constants(b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr,
+                              pow2_ptr, ST)  # fmt: skip
         p, g, m, v = p_base + p_offs, g_ptr + f_offs, m_ptr + f_offs, v_ptr + f_offs
         if n >= BLOCK:
-            _chunk_step(p, g, m, v, None, lr, keep, b1, omb1, b2, omb2, c1, c2, eps, ST, ADAM)
+            _chunk_step(p, g, m, v, None, lr, keep, mc, ST, ADAM)
         else:
-            mask = tl.arange(0, BLOCK) < n
-            _chunk_step(p, g, m, v, mask, lr, keep, b1, omb1, b2, omb2, c1, c2, eps, ST, ADAM)
+            _chunk_step(p, g, m, v, tl.arange(0, BLOCK) < n, lr, keep, mc, ST, ADAM)
     elif count_skip != 0:
         if pid == 0:  # (no program of this launch reads the count: the corrections were made before)
             tl.store(minus_skipped_ptr, tl.load(minus_skipped_ptr) - 1)

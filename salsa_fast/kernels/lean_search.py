@@ -22,10 +22,9 @@ import triton
 import triton.language as tl
 
 from . import table
-from ._common import (BLOCK, NUM_WARPS, div, grid, load, moment_args, moment_constants, offsets, on_device, rounded,
-                      scalar, split, store)  # fmt: skip
+from ._common import (BLOCK, NUM_WARPS, direction, div, grid, load, moment_args, moment_constants, offsets, on_device,
+                      rounded, scalar, split, store)  # fmt: skip
 from .reduce import finish, partials_buffer
-from .search import direction
 
 
 @triton.jit
@@ -36,20 +35,19 @@ def _norm_kernel(
 ):  # fmt: skip
     ST: tl.constexpr = m_ptr.dtype.element_ty
     pid, offs, mask = offsets(n, BLOCK)
-    b1, omb1, b2, omb2, c1, c2, eps = moment_constants(
-        b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr, pow2_ptr, ST
-    )
+    mc = moment_constants(b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr,
+                          pow2_ptr, ST)  # fmt: skip
     g = load(g_ptr + offs, mask).to(ST)
-    d = direction(g, m_ptr + offs, v_ptr + offs, mask, b1, omb1, b2, omb2, c1, c2, eps, ST, USE_MV, ADAM)
+    d, _, _ = direction(g, m_ptr + offs, v_ptr + offs, mask, mc, ST, USE_MV, ADAM)
     tl.store(partial_ptr + pid, tl.sum(g * d, axis=0))
 
 
 @triton.jit
-def _chunk_move(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, s, keep, b1, omb1, b2, omb2, c1, c2, eps, ST: tl.constexpr,
-                MODE: tl.constexpr, MOMENTUM: tl.constexpr, ADAM: tl.constexpr):  # fmt: skip
+def _chunk_move(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, s, keep, mc, ST: tl.constexpr, MODE: tl.constexpr,
+                MOMENTUM: tl.constexpr, ADAM: tl.constexpr):  # fmt: skip
     p = load(p_ptrs, mask).to(ST)
     g = load(g_ptrs, mask).to(ST)
-    d = direction(g, m_ptrs, v_ptrs, mask, b1, omb1, b2, omb2, c1, c2, eps, ST, MOMENTUM, ADAM)
+    d, _, _ = direction(g, m_ptrs, v_ptrs, mask, mc, ST, MOMENTUM, ADAM)
     if MODE == 0:  # (keep = 1 - decay; times or over 1 is exact)
         p = p * keep - s * d
     elif MODE == 1:
@@ -69,15 +67,13 @@ def _move_kernel(
     ST: tl.constexpr = m_ptr.dtype.element_ty
     pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     s, keep = scalar(s_hi, s_lo, ST), scalar(keep_hi, keep_lo, ST)
-    b1, omb1, b2, omb2, c1, c2, eps = moment_constants(
-        b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr, pow2_ptr, ST
-    )
+    mc = moment_constants(b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr,
+                          pow2_ptr, ST)  # fmt: skip
     p, g, m, v = p_base + p_offs, g_ptr + f_offs, m_ptr + f_offs, v_ptr + f_offs
     if n >= BLOCK:
-        _chunk_move(p, g, m, v, None, s, keep, b1, omb1, b2, omb2, c1, c2, eps, ST, MODE, MOMENTUM, ADAM)
+        _chunk_move(p, g, m, v, None, s, keep, mc, ST, MODE, MOMENTUM, ADAM)
     else:
-        mask = tl.arange(0, BLOCK) < n
-        _chunk_move(p, g, m, v, mask, s, keep, b1, omb1, b2, omb2, c1, c2, eps, ST, MODE, MOMENTUM, ADAM)
+        _chunk_move(p, g, m, v, tl.arange(0, BLOCK) < n, s, keep, mc, ST, MODE, MOMENTUM, ADAM)
 
 
 def norm(b, *, h):

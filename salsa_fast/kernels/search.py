@@ -20,33 +20,16 @@ import triton
 import triton.language as tl
 
 from . import table
-from ._common import (BLOCK, NUM_WARPS, div, grid, load, moment_args, moment_constants, offsets, on_device, rounded,
-                      scalar, split, sqrt, store)  # fmt: skip
+from ._common import (BLOCK, NUM_WARPS, direction, first_moment, grid, load, moment_args, moment_constants, offsets,
+                      on_device, rounded, scalar, second_moment, split, store)  # fmt: skip
 from .reduce import partials_buffer
 
 FIRST, TRIAL, MOMENTUM = 0, 1, 2  # the point kinds of _search_point_kernel
 
 
 @triton.jit
-def direction(g, m_ptrs, v_ptrs, mask, b1, omb1, b2, omb2, c1, c2, eps, ST: tl.constexpr,
-              MOMENTUM: tl.constexpr, ADAM: tl.constexpr):  # fmt: skip
-    """The step's direction from the gradient and the *would-be* moments (the stored ones are
-    not written): ``mhat`` with MOMENTUM else ``g``, times ``1 / (sqrt(vhat) + eps)`` with ADAM."""
-    if MOMENTUM:
-        m = load(m_ptrs, mask)
-        d = div(m * b1 + omb1 * g, c1, ST)
-    else:
-        d = g
-    if ADAM:
-        v = load(v_ptrs, mask)
-        v = v * b2 + omb2 * g * g
-        d = div(d, sqrt(div(v, c2, ST), ST) + eps, ST)
-    return d
-
-
-@triton.jit
-def _chunk_point(p_ptrs, g_ptrs, m_ptrs, v_ptrs, backup_ptrs, mask, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
-                 ST: tl.constexpr, KIND: tl.constexpr, ADAM: tl.constexpr, USE_MV: tl.constexpr):  # fmt: skip
+def _chunk_point(p_ptrs, g_ptrs, m_ptrs, v_ptrs, backup_ptrs, mask, lr, keep, mc, ST: tl.constexpr, KIND: tl.constexpr,
+                 ADAM: tl.constexpr, USE_MV: tl.constexpr):  # fmt: skip
     """One chunk of a point; returns its partial of sum(g * direction) (FIRST) or 0."""
     if KIND == 0:
         p_raw = load(p_ptrs, mask)
@@ -56,7 +39,7 @@ def _chunk_point(p_ptrs, g_ptrs, m_ptrs, v_ptrs, backup_ptrs, mask, lr, keep, b1
     p0 = p_raw.to(ST)
     p0 = p0 * keep  # (keep = 1 - decay: times 1 is exact)
     g = load(g_ptrs, mask).to(ST)
-    d = direction(g, m_ptrs, v_ptrs, mask, b1, omb1, b2, omb2, c1, c2, eps, ST, USE_MV or KIND == 2, ADAM)
+    d, _, _ = direction(g, m_ptrs, v_ptrs, mask, mc, ST, USE_MV or KIND == 2, ADAM)
     store(p_ptrs, rounded(p0 - lr * d, p_ptrs.dtype.element_ty), mask)
     if KIND == 0:
         return tl.sum(g * d, axis=0)
@@ -78,17 +61,13 @@ def _search_point_kernel(
     ST: tl.constexpr = m_ptr.dtype.element_ty
     pid, p_offs, f_offs, n = table.chunk(rows_ptr, P_ALIGN, F_ALIGN, BLOCK)
     lr, keep = scalar(lr_hi, lr_lo, ST), scalar(keep_hi, keep_lo, ST)
-    b1, omb1, b2, omb2, c1, c2, eps = moment_constants(
-        b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr, pow2_ptr, ST
-    )
+    mc = moment_constants(b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr,
+                          pow2_ptr, ST)  # fmt: skip
     p, g, m, v, bk = p_base + p_offs, g_ptr + f_offs, m_ptr + f_offs, v_ptr + f_offs, backup_ptr + f_offs
     if n >= BLOCK:
-        part = _chunk_point(p, g, m, v, bk, None, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
-                            ST, KIND, ADAM, USE_MV)  # fmt: skip
+        part = _chunk_point(p, g, m, v, bk, None, lr, keep, mc, ST, KIND, ADAM, USE_MV)
     else:
-        mask = tl.arange(0, BLOCK) < n
-        part = _chunk_point(p, g, m, v, bk, mask, lr, keep, b1, omb1, b2, omb2, c1, c2, eps,
-                            ST, KIND, ADAM, USE_MV)  # fmt: skip
+        part = _chunk_point(p, g, m, v, bk, tl.arange(0, BLOCK) < n, lr, keep, mc, ST, KIND, ADAM, USE_MV)
     if KIND == 0:
         tl.store(partial_ptr + pid, part)
 
@@ -98,15 +77,15 @@ def _commit_kernel(
     g_ptr, m_ptr, v_ptr, n, b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo,
     ADAM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """The moments of the step, in place (same arithmetic as the search points used)."""
+    """The moments of the step, in place (the arithmetic the search points used)."""
     ST: tl.constexpr = m_ptr.dtype.element_ty
     pid, offs, mask = offsets(n, BLOCK)
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(ST)
-    m = tl.load(m_ptr + offs, mask=mask, other=0)
-    tl.store(m_ptr + offs, m * scalar(b1_hi, b1_lo, ST) + scalar(omb1_hi, omb1_lo, ST) * g, mask=mask)
+    g = load(g_ptr + offs, mask).to(ST)
+    m = first_moment(load(m_ptr + offs, mask), g, scalar(b1_hi, b1_lo, ST), scalar(omb1_hi, omb1_lo, ST))
+    store(m_ptr + offs, m, mask)
     if ADAM:
-        v = tl.load(v_ptr + offs, mask=mask, other=0)
-        tl.store(v_ptr + offs, v * scalar(b2_hi, b2_lo, ST) + scalar(omb2_hi, omb2_lo, ST) * g * g, mask=mask)
+        v = second_moment(load(v_ptr + offs, mask), g, scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST))
+        store(v_ptr + offs, v, mask)
 
 
 def _launch_point(b, kind: int, lr_step: float, decay: float, h, partials) -> None:
