@@ -1,4 +1,5 @@
-"""SaLSA: the optimizer. Closure handling, the line search, the search interval, state_dict.
+"""SaLSA on the flat-buffer shell (:mod:`salsa_fast._flat_optimizer`): the step, the line
+search and what the device decides on its own.
 
 The per-element work (moments, directions, trial points, reductions) lives in the backends and
 runs once per flat buffer; this file only makes decisions, on host floats. What it costs in host
@@ -8,8 +9,8 @@ non-search step with a non-finite loss or gradient is skipped on the device; wha
 counts of it waits for that next read (:mod:`salsa_fast.step_state`). On CPU tensors a "sync"
 is free, so there the host reads the count after every step.
 
-``salsa_fast/salsa_reference.py`` is the readable per-parameter statement of the same algorithm; the
-tests hold this class to it.
+``salsa_fast/salsa_reference.py`` is the readable per-parameter statement of the same
+algorithm; the tests hold this class to it.
 """
 
 from __future__ import annotations
