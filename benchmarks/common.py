@@ -93,3 +93,13 @@ def write_json(path: str | None, records: list[dict] | dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(records, f, indent=2)
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    """A Markdown table as lines. ``align`` has a letter per column: ``r`` right (``---:``),
+    anything else left (``---``); by default every column is left-aligned."""
+    align = align or "l" * len(header)
+    if len(align) != len(header) or any(len(row) != len(header) for row in rows):
+        raise ValueError("every row, and align, needs one entry per column of the header")
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return ["| " + " | ".join(cells) + " |" for cells in (header, rule, *rows)]

@@ -1,0 +1,110 @@
+"""The README's measured numbers are those of the committed results (``benchmarks/results/``):
+``benchmarks/readme_tables.py`` renders every result block from its JSON, and the README must
+hold exactly that. No benchmark runs here; after a new run, ``python benchmarks/readme_tables.py``
+rewrites the blocks."""
+
+import ast
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import readme_tables as rt  # noqa: E402
+
+README = os.path.join(ROOT, "README.md")
+
+
+@pytest.fixture(scope="module")
+def readme() -> str:
+    with open(README) as f:
+        return f.read()
+
+
+def test_readme_matches_the_committed_results(readme):
+    rendered = rt.render(readme)
+    if rendered != readme:
+        import difflib
+
+        diff = "".join(difflib.unified_diff(readme.splitlines(True), rendered.splitlines(True), "README.md", "rendered"))
+        pytest.fail(f"README.md differs from benchmarks/results/; run python benchmarks/readme_tables.py\n{diff}")
+
+
+def test_every_block_names_an_existing_results_file_that_is_rendered(readme):
+    blocks = rt.blocks(readme)
+    assert {b["name"] for b in blocks} == set(rt.BLOCKS), "a README block and BLOCKS disagree"
+    for b in blocks:
+        spec = rt.BLOCKS[b["name"]]
+        assert b["source"] == spec.source, b
+        assert b["source"].startswith("benchmarks/results/") and b["source"].endswith(".json"), b
+        path = os.path.join(ROOT, b["source"])
+        assert os.path.isfile(path), f"block {b['name']} names {b['source']}, which does not exist"
+        with open(path) as f:
+            lines = spec.render(json.load(f))(rt.WIDTH - len(b["indent"]))
+        assert any(line.strip() for line in lines), b["name"]
+        # what the README holds between the markers is what was rendered, not left-over text
+        body = readme.split("\n")[b["start"] : b["end"]]
+        assert [line.removeprefix(b["indent"]) for line in body] == lines, b["name"]
+
+
+def test_the_byte_table_is_not_a_results_block(readme):
+    assert readme.count("<!-- byte-table") == 1 and readme.count("<!-- /byte-table -->") == 1
+    start, end = readme.index("<!-- byte-table"), readme.index("<!-- /byte-table -->")
+    for b in rt.blocks(readme):
+        marker = readme.split("\n")[b["start"] - 1]
+        assert not (start <= readme.index(marker) <= end), b["name"]
+
+
+def test_each_script_writing_a_readme_result_says_how_to_refresh_it():
+    """The first paragraph of the docstring is the script's --help description."""
+    for spec in rt.BLOCKS.values():
+        with open(os.path.join(ROOT, spec.script)) as f:
+            doc = ast.get_docstring(ast.parse(f.read()))
+        description = doc.split("\n\n")[0]
+        assert "python benchmarks/readme_tables.py" in description, spec.script
+        assert spec.source.removeprefix("benchmarks/") in description, spec.script
+
+
+def test_a_stale_readme_fails_the_check_with_a_diff(readme, tmp_path, capsys):
+    stale = readme.replace("| 1.20x |", "| 1.11x |", 1)
+    assert stale != readme
+    path = tmp_path / "README.md"
+    path.write_text(stale)
+    assert rt.main(["--check", "--readme", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "-| `salsa_fast.SaLSA` | 26.4 | 1.11x |" in out and "+| `salsa_fast.SaLSA` | 26.4 | 1.20x |" in out
+    assert path.read_text() == stale  # --check changes nothing
+    assert rt.main(["--readme", str(path)]) == 0
+    assert path.read_text() == readme
+
+
+@pytest.mark.parametrize("damage", ["unknown block", "wrong source", "missing block"])
+def test_a_block_that_does_not_match_a_results_file_is_an_error(readme, damage):
+    if damage == "unknown block":
+        text = readme.replace("results:headline:", "results:nowhere:").replace("/results:headline ", "/results:nowhere ")
+    elif damage == "wrong source":
+        text = readme.replace("rendered from benchmarks/results/cpu_training_step_mlp4m.json", "rendered from benchmarks/results/none.json", 1)
+    else:
+        b = next(b for b in rt.blocks(readme) if b["name"] == "headline")
+        lines = readme.split("\n")
+        text = "\n".join(lines[: b["start"] - 1] + lines[b["end"] + 1 :])
+    assert text != readme
+    with pytest.raises(ValueError):
+        rt.render(text)
+
+
+def test_prose_that_a_new_result_contradicts_is_refused():
+    """The rounding prose says float64 is "invisible": a run where it is not must not render."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "memory_cpu.json")) as f:
+        result = json.load(f)
+    result["drift"][0]["max_abs_param_diff"] = 1e-3
+    with pytest.raises(rt.ProseMismatch):
+        rt.memory_rounding(result)
+
+
+def test_rounding_helpers():
+    assert rt.up(1.0367e-13) == "1.1e-13" and rt.up(2.6e-5, 1) == "3e-5" and rt.up(3.0e-5, 1) == "3e-5"
+    assert rt.near(0.03149881) == "3.1e-2" and rt.near(1.5329e-5) == "1.5e-5"
+    assert rt.sig(214.0) == "214" and rt.sig(0.001004) == "0.001" and rt.sig(0.3323) == "0.33"
