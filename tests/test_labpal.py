@@ -3,6 +3,7 @@ fixed reference defects, resume."""
 
 import io
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -75,11 +76,11 @@ def test_closure_raising_during_the_line_evaluation_restores_theta0():
     def closure(backwards=False):
         calls[0] += 1
         if calls[0] == 3:  # its own batch, then at the first line point, then at the second: raise
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("at the second line point")
         return nn.functional.cross_entropy(model(x[:64]), y[:64])
 
     opt.zero_grad()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="at the second line point"):
         opt.step(closure)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), theta0))
     assert opt.measuring and opt.stats["measurements"] == 0
@@ -106,7 +107,7 @@ def test_pass_failing_on_a_later_bucket_restores_theta0(monkeypatch):
         torch_ops.labpal_point(b, src, **kwargs)
 
     monkeypatch.setattr(opt, "_backend", SimpleNamespace(**{**vars(torch_ops), "labpal_point": failing_point}))
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
         train(model, opt, 1, dtype=torch.float64, start=9, rng_seed=None)
     assert all(torch.equal(p, q) for p, q in zip(params, theta0))
     assert opt.measuring and opt.stats["measurements"] == 0
@@ -451,7 +452,8 @@ def test_bad_hyperparameters():
     for kwargs in (dict(mode="adam"), dict(momentum=1.0), dict(reuse_steps=0), dict(sample_step=1e-5),
                    dict(fit="quadratic"), dict(batch_size_schedule=((0, -1),)), dict(batch_size=0),
                    dict(cap_sgd_updates=1), dict(backend="cuda")):  # fmt: skip
-        with pytest.raises(ValueError):
+        ((name, value),) = kwargs.items()
+        with pytest.raises(ValueError, match=re.escape(f"invalid {name}={value!r}:")):  # names the argument
             LABPAL(params, **kwargs)
     with pytest.raises(ValueError, match="weight decay"):
         LABPAL([{"params": params, "weight_decay": 0.1}])
