@@ -71,8 +71,9 @@ def test_failed_trial_restores_parameters_and_state(exc, on_call):
 
     xb, yb = batches[3]
     opt.zero_grad()
-    with pytest.raises(type(exc)):
+    with pytest.raises(type(exc)) as raised:
         opt.step(_closure(model, xb, yb, fail_on_call=on_call, exc=exc))
+    assert raised.value is exc  # the closure's own exception, not another of its type
     _assert_same_state(_state(model, opt), before)
 
     # Retrying the batch continues exactly as a run in which nothing went wrong.
@@ -95,8 +96,8 @@ def test_failed_gradient_pass_changes_nothing():
         opt.zero_grad()
         opt.step(_closure(model, xb, yb))
     before = _state(model, opt)
-    with pytest.raises(Boom):
-        opt.step(_closure(model, *batches[3], fail_on_call=1, exc=Boom()))
+    with pytest.raises(Boom, match="in the gradient pass"):
+        opt.step(_closure(model, *batches[3], fail_on_call=1, exc=Boom("in the gradient pass")))
     _assert_same_state(_state(model, opt), before)
 
 
@@ -106,8 +107,8 @@ def test_many_trials_then_failure():
     model = mlp(torch.float64)
     opt = SaLSA(model.parameters(), init_step_size=1e4)  # forces long backtracking
     before = _state(model, opt)
-    with pytest.raises(Boom):
-        opt.step(_closure(model, *batches[0], fail_on_call=12, exc=Boom()))
+    with pytest.raises(Boom, match="in the eleventh trial"):
+        opt.step(_closure(model, *batches[0], fail_on_call=12, exc=Boom("in the eleventh trial")))
     _assert_same_state(_state(model, opt), before)
     opt.zero_grad()  # usable again
     opt.step(_closure(model, *batches[0]))

@@ -21,6 +21,12 @@ from salsa_fast import SaLSA
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2
+# How far the ranks' parameters may be from one process's: the README's "max |dp| 1.6e-7 after
+# 40 steps" (float32; the same decisions, so only the gradients' summation order differs: the
+# batch's loss averaged over two halves, then DDP's or FSDP's mean of the two gradients) is under
+# 3 float32 ulps of the largest parameters (|p| < 0.63, ulp 6e-8); allow 4. (The Triton kernels
+# round differently from torch's ops: they are compared with a one-process Triton run, 2.1e-7.)
+ONE_PROCESS_ATOL = 4 * 2**-24
 
 
 def _free_port() -> int:
@@ -34,10 +40,10 @@ def _launch(fn, tmp_path, *args):
     return [torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
-def _single_process():
+def _single_process(backend="auto"):
     """One process, the whole batches: what the ranks together must reproduce."""
     model = mlp()
-    run = train(model, SaLSA(model.parameters(), **dist_workers.OPTIONS), dist_workers.STEPS,
+    run = train(model, SaLSA(model.parameters(), backend=backend, **dist_workers.OPTIONS), dist_workers.STEPS,
                 batch=dist_workers.BATCH)  # fmt: skip
     return model, run
 
@@ -60,9 +66,9 @@ def test_ddp_ranks_take_identical_decisions_equal_to_one_process(tmp_path, backe
         pytest.importorskip("triton")
     results = _launch(dist_workers.ddp, tmp_path, True, backend)
     _assert_ranks_agree(results)
-    model, run = _single_process()
+    model, run = _single_process(backend)
     assert results[0]["calls"] == run.calls
-    assert _max_diff(results[0]["params"], model) <= 1e-4
+    assert _max_diff(results[0]["params"], model) <= ONE_PROCESS_ATOL
     assert results[0]["stats"]["searches"] > 5  # the decisions were really exercised
 
 
@@ -91,7 +97,7 @@ def test_fsdp2_sharded_parameters(tmp_path):
     _assert_ranks_agree(results)
     model, run = _single_process()
     assert results[0]["calls"] == run.calls
-    assert _max_diff(results[0]["params"], model) <= 1e-4
+    assert _max_diff(results[0]["params"], model) <= ONE_PROCESS_ATOL
 
 
 def _diagnosis(stderr: str) -> str:

@@ -142,14 +142,14 @@ def test_a_closure_that_raises_mid_search_leaves_the_parameters(failure, backend
     def closure(backwards=False):
         calls[0] += 1
         if calls[0] == 3:  # the second trial: two moves away from the start
-            raise failure()
+            raise failure("in the second trial")
         loss = nn.functional.cross_entropy(model(x[:64]), y[:64])
         if backwards:
             loss.backward()
         return loss if backwards else loss + 1.0  # every trial fails the criterion
 
     opt.zero_grad()
-    with pytest.raises(failure):
+    with pytest.raises(failure, match="in the second trial"):
         opt.step(closure)
     for p, q in zip(model.parameters(), before):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)  # back, to a rounding per move
@@ -264,11 +264,11 @@ def test_labpal_closure_raising_on_the_line_returns_to_theta0(failure_at, backen
     def closure(backwards=False):
         calls[0] += 1
         if calls[0] == failure_at:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"at line point {failure_at - 1}")
         return nn.functional.cross_entropy(model(x[:64]), y[:64])
 
     opt.zero_grad()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=f"at line point {failure_at - 1}"):
         opt.step(closure)
     for p, q in zip(params, theta0):
         torch.testing.assert_close(p, q, rtol=1e-14, atol=1e-16)  # back, to a rounding per move
