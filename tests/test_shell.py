@@ -261,3 +261,13 @@ def test_both_backends_implement_the_protocol():
     for module in (torch_ops, triton_ops):
         missing = [n for n in members if not hasattr(module, n)]
         assert not missing, (module.__name__, missing)
+
+
+def test_no_module_of_the_package_is_over_500_lines():
+    from pathlib import Path
+
+    import salsa_fast
+
+    root = Path(salsa_fast.__file__).parent
+    sizes = {str(p.relative_to(root)): len(p.read_text().splitlines()) for p in root.rglob("*.py")}
+    assert len(sizes) > 20 and not {m: n for m, n in sizes.items() if n > 500}
