@@ -271,3 +271,18 @@ def test_no_module_of_the_package_is_over_500_lines():
     root = Path(salsa_fast.__file__).parent
     sizes = {str(p.relative_to(root)): len(p.read_text().splitlines()) for p in root.rglob("*.py")}
     assert len(sizes) > 20 and not {m: n for m, n in sizes.items() if n > 500}
+
+
+def test_a_checkpoint_from_before_the_shared_group_entry_loads_and_resumes_exactly(name):
+    """Checkpoints written before the groups held ``betas`` (SaLSA) or ``momentum`` (LABPAL)."""
+    key = {"SaLSA": "betas", "LABPAL": "momentum"}[name]
+    model, opt = _trained(name)
+    _, old = _everything(model, opt)  # (a copy: the state's tensors are live views)
+    old["param_groups"] = [{k: v for k, v in g.items() if k != key} for g in old["param_groups"]]
+    twin_model, twin = _trained(name)
+    twin_model.load_state_dict(model.state_dict())
+    twin.load_state_dict(old)
+    assert twin.param_groups[0][key] == opt.param_groups[0][key]
+    train(model, opt, 6, dtype=torch.float64, start=12)
+    train(twin_model, twin, 6, dtype=torch.float64, start=12)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
