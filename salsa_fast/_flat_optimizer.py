@@ -66,9 +66,9 @@ def _field(default, ok: Callable[[Any], bool], what: str):
     return field(default=default, metadata={"check": (ok, what)})
 
 
-def count(default: int = 0):
-    """A counter: an int >= 0."""
-    return _field(default, lambda x: is_int(x) and x >= 0, "must be an int >= 0")
+def count(default: int = 0, low: int = 0):
+    """A counter: an int >= ``low``."""
+    return _field(default, lambda x: is_int(x) and x >= low, f"must be an int >= {low}")
 
 
 def finite(default: float, low: float = -math.inf, strict: bool = False):

@@ -41,7 +41,7 @@ class _Scalars:
     calls: int = count()  # step() calls (the schedule's clock)
     updates: int = count()  # parameter updates (training ones and the one ending a measurement)
     since_measurement: int = count()  # updates since the last finished measurement
-    k: int = count(1)  # training batch size, in inference batches
+    k: int = count(1, low=1)  # training batch size, in inference batches
     schedule_index: int = count()  # next batch-size schedule entry
     measuring: bool = flag(True)  # the first call measures
     warmup_measured: bool = flag(False)

@@ -175,7 +175,7 @@ def _bad_values(name):
         if isinstance(value, bool):
             cases += [(f.name, "yes")]
         elif isinstance(value, int):
-            cases += [(f.name, -1), (f.name, 1.5)]
+            cases += [(f.name, -1), (f.name, 1.5)] + ([(f.name, 0)] if f.name == "k" else [])  # (LABPAL's k >= 1)
         elif isinstance(value, list):
             cases += [(f.name, [1.0, math.nan]), (f.name, [-0.5])]
         else:  # a float (or None until set)
