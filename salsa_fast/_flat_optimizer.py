@@ -16,7 +16,7 @@ import math
 import operator
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, field, fields, replace
+from dataclasses import asdict, field, fields
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -291,7 +291,6 @@ class FlatOptimizer(Optimizer):
             raise RuntimeError(f"{self.name}.step() was called from inside its own closure")
         self._check_layout()
         self._follow_shared()
-        self._scalars_at_start = replace(self._scalars)  # (see _first_call)
 
     def _call(self, closure, seed: int, backwards: bool):
         """Call the closure (see :func:`salsa_fast.closure.call_closure`): ``(its output, the
@@ -304,20 +303,20 @@ class FlatOptimizer(Optimizer):
 
     def _first_call(self, closure, seed: int, backwards: bool = True):
         """The step's own call of the closure (with backward: its gradients then brought into
-        the flat buffers). If that raises, the step's scalars go back to where the step began
-        (:meth:`_on_undo` undoes the rest): nothing has moved yet."""
+        the flat buffers). If that raises, :meth:`_on_undo` takes back what the step changed
+        before the call: nothing has moved yet."""
         try:
             out = self._call(closure, seed, backwards=backwards)
             if backwards:
                 self._adopt_grads()
             return out
         except BaseException:
-            self._scalars = self._scalars_at_start
             self._on_undo()
             raise
 
     def _on_undo(self) -> None:
-        """The step is undone before anything moved (see :meth:`_first_call`)."""
+        """The step is undone before anything moved (see :meth:`_first_call`); an algorithm
+        that changes its scalars before calling the closure puts them back here."""
 
     def _adopt_grads(self) -> None:
         """Bring gradients that are not the flat buffer's views into it (after a backward)."""

@@ -17,7 +17,7 @@ line, each under the seed of its own step, so dropout masks repeat.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -261,7 +261,8 @@ class LABPAL(FlatOptimizer):
     def step(self, closure=None):  # type: ignore[override]
         """One inference batch: a training call or a measurement call. Returns its loss."""
         self._begin_step(closure)
-        self._measurement_at_start = self._measurement  # (only ever replaced before the call)
+        # what the schedule may change before the closure runs (the list is only ever replaced)
+        self._at_start = replace(self._scalars), self._measurement
         s = self._scalars
         self._apply_schedule()
         if not s.measuring:
@@ -278,7 +279,7 @@ class LABPAL(FlatOptimizer):
         return out
 
     def _on_undo(self) -> None:
-        self._measurement = self._measurement_at_start
+        self._scalars, self._measurement = self._at_start
 
     def _apply_schedule(self) -> None:
         """Fire every schedule entry whose call has come (``>=``: none is ever skipped)."""

@@ -28,7 +28,8 @@ def gradient(f: list[float], x: list[float]) -> list[float]:
 
 
 def nanmean(values: list[float]) -> float:
-    """The mean of the values that are not NaN (NaN if all are), as ``numpy.nanmean``."""
+    """The mean of the values that are not NaN (NaN if all are), as ``numpy.nanmean``. (Not
+    :func:`salsa_fast.parabola.nanmean`: the twin shares no code with what it checks.)"""
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else float("nan")
 
