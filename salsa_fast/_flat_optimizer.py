@@ -6,7 +6,7 @@ groups or the parameters change, notices what changed behind the optimizer's bac
 parameter, ``model.to(...)``, ``p.data = ...``), zeroes gradients, keeps registered modules'
 buffers out of the extra forward passes, and saves and loads ``state_dict`` all-or-nothing.
 An algorithm subclasses it, declares its scalars (a dataclass whose fields carry their own
-checks, see :func:`count`), its per-parameter state buffers (:meth:`_state_buffers`) and what
+checks, see :mod:`salsa_fast.checks`), its per-parameter state buffers (:meth:`_state_buffers`) and what
 it rebuilds after a repack (:meth:`_on_repack`), and writes its ``step``.
 """
 
@@ -16,98 +16,22 @@ import math
 import operator
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, field, fields
-from typing import Any, Callable, ClassVar
+from dataclasses import asdict
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from . import backends
+from .checks import SaLSAWarning, check, checked_scalars, is_real
 from .closure import call_closure, check_closure
+from .distributed import as_dtensor_like, local_part
 from .flat import FlatBucket, ShardBucket
 
-__all__ = ["FlatOptimizer", "SaLSAWarning", "check", "is_real", "is_int", "positive"]
+__all__ = ["FlatOptimizer"]
 
 _requires_grad = operator.attrgetter("requires_grad")
-
-
-class SaLSAWarning(UserWarning):
-    """Warnings from salsa_fast's optimizers about the run (skipped steps, slow paths, assumptions)."""
-
-
-# -- argument checks -------------------------------------------------------------------------------
-
-
-def check(ok: bool, name: str, value: Any, what: str) -> None:
-    """``ValueError("invalid name=value: what")`` unless ``ok``."""
-    if not ok:
-        raise ValueError(f"invalid {name}={value!r}: {what}")
-
-
-def is_real(x: Any) -> bool:
-    """A Python int or float (not a bool), not NaN."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
-
-
-def is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def positive(x: Any) -> bool:
-    """A finite real > 0."""
-    return is_real(x) and 0 < x < math.inf
-
-
-# -- checked scalars: the dataclass fields an algorithm saves in its state_dict entry ---------------
-
-
-def _field(default, ok: Callable[[Any], bool], what: str):
-    return field(default=default, metadata={"check": (ok, what)})
-
-
-def count(default: int = 0, low: int = 0):
-    """A counter: an int >= ``low``."""
-    return _field(default, lambda x: is_int(x) and x >= low, f"must be an int >= {low}")
-
-
-def finite(default: float, low: float = -math.inf, strict: bool = False):
-    """A finite float, ``> low`` (``strict``) or ``>= low``."""
-    if strict:
-        return _field(default, lambda x: is_real(x) and low < x < math.inf, f"must be a finite number > {low}")
-    return _field(default, lambda x: is_real(x) and low <= x < math.inf, f"must be a finite number >= {low}")
-
-
-def optional_positive():
-    """None, or a finite float > 0."""
-    return _field(None, lambda x: x is None or positive(x), "must be None or a finite number > 0")
-
-
-def flag(default: bool):
-    return _field(default, lambda x: isinstance(x, bool), "must be a bool")
-
-
-def positives():
-    """A list of finite floats > 0."""
-    return field(
-        default_factory=list,
-        metadata={"check": (lambda x: isinstance(x, (list, tuple)) and all(map(positive, x)), "must be a list of finite numbers > 0")},
-    )
-
-
-def checked_scalars(cls, saved: Any, entry: str):
-    """``cls(**saved)`` after every field's check; ``ValueError`` naming the first bad entry."""
-    if not isinstance(saved, dict):
-        raise ValueError(f"the state_dict's {entry!r} entry must be a dict, got {type(saved).__name__}")
-    names = [f.name for f in fields(cls)]
-    missing = sorted(set(names) - set(saved))
-    if missing:
-        raise ValueError(f"the state_dict's {entry!r} entry misses {missing}")
-    for f in fields(cls):
-        ok, what = f.metadata["check"]
-        if not ok(saved[f.name]):
-            raise ValueError(f"the state_dict's {entry!r} entry has {f.name}={saved[f.name]!r}: {what}")
-    return cls(**{n: list(saved[n]) if isinstance(saved[n], tuple) else saved[n] for n in names})
 
 
 # -- the shell -------------------------------------------------------------------------------------
@@ -148,6 +72,8 @@ class FlatOptimizer(Optimizer):
         """The end of a subclass's ``__init__``: build the buckets."""
         self._repack()
         self._follow_shared()
+        for group in self.param_groups:
+            group[self.entry] = asdict(self._scalars)
         self._ready = True
 
     # -- param groups --------------------------------------------------------------------------
@@ -181,6 +107,7 @@ class FlatOptimizer(Optimizer):
         super().add_param_group(param_group)
         self._init_group(self.param_groups[-1])
         if self._ready:
+            self.param_groups[-1][self.entry] = asdict(self._scalars)
             self._repack()
 
     def _check_group_values(self, group: dict[str, Any], where: str) -> None:
@@ -393,12 +320,23 @@ class FlatOptimizer(Optimizer):
 
     # -- state_dict ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Torch's layout (per-index state, param groups) plus the algorithm's entry with every
-        scalar of the run. Tensors in ``state`` are live views of the optimizer's buffers, as
-        with torch's own optimizers; ``torch.save`` copies them."""
+        """Torch's layout: per-index state and param groups, every group also holding the
+        algorithm's entry with every scalar of the run (the same in each group: torch's
+        distributed checkpoint keeps only ``state`` and ``param_groups``, and its flattened form
+        only what each parameter's group holds). Tensors in ``state`` are live views of the
+        optimizer's buffers, as with torch's own optimizers (``torch.save`` copies them); those
+        of DTensor parameters (FSDP2) are DTensors laid out like them, which the distributed
+        checkpoint can reshard."""
         self._fold_pending_skips()
+        for group in self.param_groups:  # (also the live groups': see _unflatten_optim_state_dict)
+            group[self.entry] = asdict(self._scalars)
         sd = super().state_dict()
-        sd[self.entry] = asdict(self._scalars)
+        for group in sd["param_groups"]:
+            group[self.entry] = asdict(self._scalars)  # (its own copy: a loader may fill it in place)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, entry in list(sd["state"].items()):
+            if hasattr(params[i], "device_mesh"):
+                sd["state"][i] = {key: as_dtensor_like(params[i], v) for key, v in entry.items()}
         return sd
 
     @torch._disable_dynamo
@@ -414,7 +352,7 @@ class FlatOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        for key in ("state", "param_groups", self.entry):
+        for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"not a {self.name} state_dict: it has no {key!r} entry")
         saved_groups = state_dict["param_groups"]
@@ -424,7 +362,7 @@ class FlatOptimizer(Optimizer):
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
             self._check_group_values(sg, "the state_dict's param group")
-        scalars = checked_scalars(self.Scalars, state_dict[self.entry], self.entry)
+        scalars = checked_scalars(self.Scalars, self._saved_scalars(state_dict), self.entry)
 
         index_of = {p: i for g, sg in zip(self.param_groups, saved_groups) for p, i in zip(g["params"], sg["params"])}
         copies = []  # (our tensor, saved tensor or None for zeros): all checked before any is made
@@ -437,6 +375,7 @@ class FlatOptimizer(Optimizer):
                 value = saved.get(key)
                 if value is None:
                     raise ValueError(f"the state of parameter {index_of[p]} has no {key!r}{self._missing_state_hint(key)}")
+                value = local_part(p, value, f"state {key!r} of parameter {index_of[p]}")
                 if not isinstance(value, torch.Tensor) or value.shape != target.shape:
                     raise ValueError(
                         f"state {key!r} of parameter {index_of[p]} has shape "
@@ -447,13 +386,26 @@ class FlatOptimizer(Optimizer):
             for target, value in copies:
                 target.zero_() if value is None else target.copy_(value)
         for g, sg in zip(self.param_groups, saved_groups):
-            g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
+            g.update({k: v for k, v in sg.items() if k not in ("params", "param_names", self.entry)})
+            g[self.entry] = asdict(scalars)
         self._scalars = scalars
         self._shared.clear()
         self._follow_shared()
         self._on_load()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _saved_scalars(self, state_dict: dict[str, Any]) -> Any:
+        """The run's scalars in a state_dict: in every param group, alike (else at its top level,
+        where checkpoints written before they moved into the groups hold them)."""
+        in_groups = [sg.get(self.entry) for sg in state_dict["param_groups"]]
+        if all(s is None for s in in_groups):
+            if self.entry not in state_dict:
+                raise ValueError(f"not a {self.name} state_dict: neither its param groups nor itself hold a {self.entry!r} entry")
+            return state_dict[self.entry]
+        if any(_plain_scalars(s) != _plain_scalars(in_groups[0]) for s in in_groups):
+            raise ValueError(f"the state_dict's param groups hold different {self.entry!r} entries: they must be alike")
+        return in_groups[0]
 
     def _missing_state_hint(self, key: str) -> str:
         return ""
@@ -465,3 +417,7 @@ class FlatOptimizer(Optimizer):
 def _plain(value: Any) -> Any:
     """Lists as tuples (a checkpoint may turn a group's tuple into a list)."""
     return tuple(value) if isinstance(value, list) else value
+
+
+def _plain_scalars(saved: Any) -> Any:
+    return {k: _plain(v) for k, v in saved.items()} if isinstance(saved, dict) else saved

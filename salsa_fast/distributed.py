@@ -10,11 +10,15 @@ Before each decision they are all-reduced over the process group in one small co
   sharded parameters (FSDP2 / DTensor ``Shard`` placements) is summed over the shards;
 * the non-finite flag is the maximum over ranks.
 
+LABPAL agrees the same way on its line's losses and its direction's norm and slope.
+
 On CUDA the collectives are asynchronous: they add no host sync beyond the one the decision
 needs anyway (none on a non-search step). Without ``torch.distributed`` all of it is skipped.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,8 +63,40 @@ def agree_on_loss(group, loss: torch.Tensor) -> torch.Tensor:
     return mean
 
 
+def agree_on_sums(group, full: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor:
+    """``full`` (sums over parameters every rank holds whole) averaged over ranks plus
+    ``sharded`` (sums over this rank's shards) summed over them: one all-reduce."""
+    if group is None:
+        return full + sharded
+    numbers = full / dist.get_world_size(group) + sharded
+    dist.all_reduce(numbers, op=dist.ReduceOp.SUM, group=group)
+    return numbers
+
+
 def agree_on_flag(group, flag: torch.Tensor) -> torch.Tensor:
     """1 on every rank when ``flag`` is 1 on any (an in-place MAX all-reduce)."""
     if group is not None:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return flag
+
+
+def as_dtensor_like(param, local: torch.Tensor) -> torch.Tensor:
+    """``local`` (state shaped like ``param``'s local shard) as a DTensor laid out like ``param``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())  # fmt: skip
+
+
+def local_part(param, value: Any, what: str) -> Any:
+    """A saved DTensor's local shard, if it is laid out like ``param`` (else ``ValueError``:
+    torch's distributed checkpoint reshards, a plain load does not). Anything else as it is."""
+    if not hasattr(value, "device_mesh"):
+        return value
+    if not hasattr(param, "device_mesh") or value.placements != param.placements or value.device_mesh != param.device_mesh:
+        raise ValueError(
+            f"{what} is a DTensor with placements {value.placements}, the parameter has "
+            f"{getattr(param, 'placements', 'none (a plain tensor)')}: load it through torch.distributed.checkpoint "
+            "(set_optimizer_state_dict), which reshards"
+        )
+    return value.to_local()

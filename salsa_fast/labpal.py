@@ -17,45 +17,22 @@ line, each under the seed of its own step, so dropout masks repeat.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from ._flat_optimizer import FlatOptimizer, check, is_int, is_real, positive
-from ._flat_optimizer import count, flag, optional_positive, positives
+from ._flat_optimizer import FlatOptimizer
+from .checks import check, is_int, is_real, positive
 from .closure import draw_seed
+from .distributed import agree_on_loss, agree_on_sums, resolve_group
 from .flat import FlatBucket
+from .labpal_scalars import Scalars
 from .parabola import H, nanmean, parabola_step
 
 __all__ = ["LABPAL", "parabola_step"]
 
 NORM_RANGE = (1e-3, 100.0)  # directions with a norm outside are not measured (hard-coded there)
-
-
-@dataclass
-class _Scalars:
-    """The schedule's counters, the step in use and its history (each field with the check a
-    checkpoint's value must pass)."""
-
-    calls: int = count()  # step() calls (the schedule's clock)
-    updates: int = count()  # parameter updates (training ones and the one ending a measurement)
-    since_measurement: int = count()  # updates since the last finished measurement
-    k: int = count(1, low=1)  # training batch size, in inference batches
-    schedule_index: int = count()  # next batch-size schedule entry
-    measuring: bool = flag(True)  # the first call measures
-    warmup_measured: bool = flag(False)
-    accumulated: int = count()  # calls in the current training batch
-    step: float | None = optional_positive()  # the step length in use (NSGD updates; every measurement's update)
-    lr: float | None = optional_positive()  # the SGD learning rate in use
-    history: list[float] = positives()  # accepted step lengths after warm-up
-    lr_history: list[float] = positives()  # the matching learning rates
-    measurements: int = count()  # finished measurements (accepted or not)
-    abandoned: int = count()  # measurements given up at the direction check
-    rejected: int = count()  # parabolas that were not convex with a descending slope
-    forwards: int = count()
-    backwards: int = count()
-    skipped: int = count()  # training updates skipped for a non-finite direction
 
 
 class LABPAL(FlatOptimizer):
@@ -93,6 +70,9 @@ class LABPAL(FlatOptimizer):
         cap_sgd_updates: ``mode="sgd"`` only: no update is longer than the step in use, i.e.
             the rate applied is ``min(learning_rate, step_size / ||D||)``. ``False`` gives the
             reference's uncapped updates, which diverge on small MLPs (see the README).
+        process_group: the ranks that must take the same decisions (default: the world, when
+            torch.distributed is initialised): the line's losses are averaged over them and the
+            direction's norm and slope summed over FSDP2 shards, as SaLSA's.
 
     The defects of the authors' implementation fixed here are listed, each with its test, in
     the README's LABPAL section.
@@ -100,16 +80,18 @@ class LABPAL(FlatOptimizer):
 
     name = "LABPAL"
     entry = "labpal"
-    Scalars = _Scalars
+    Scalars = Scalars
     global_keys = frozenset(
         "mode training_set_size batch_size update_step_adaptation reuse_steps measure_batches batch_size_schedule "
-        "warmup_updates window sample_step max_step_size eps fit cap_sgd_updates backend keep_backup weight_decay".split()
+        "warmup_updates window sample_step max_step_size eps fit cap_sgd_updates backend keep_backup weight_decay "
+        "process_group".split()
     )
     per_group_hint = (
         "LABPAL measures one step for all groups (and has no weight decay), so only 'lr' (a multiplier "
         "on the step) may differ per group ('momentum' may be set, alike in every group, for schedulers)"
     )
     shared_across_groups = ("momentum",)
+    shards = True
 
     def __init__(
         self,
@@ -132,6 +114,7 @@ class LABPAL(FlatOptimizer):
         cap_sgd_updates: bool = True,
         backend: str = "auto",
         keep_backup: bool = True,
+        process_group=None,
     ):
         mode = mode.lower() if isinstance(mode, str) else mode
         check(mode in ("nsgd", "sgd"), "mode", mode, "must be 'nsgd' or 'sgd'")
@@ -147,6 +130,7 @@ class LABPAL(FlatOptimizer):
         check(positive(eps), "eps", eps, "must be > 0")
         check(fit in ("reference", "exact"), "fit", fit, "must be 'reference' or 'exact'")
         check(isinstance(cap_sgd_updates, bool), "cap_sgd_updates", cap_sgd_updates, "must be a bool")
+        resolve_group(process_group)  # a group without torch.distributed is a ValueError
         try:
             schedule = sorted((int(t), float(m)) for t, m in batch_size_schedule)
         except (TypeError, ValueError):
@@ -168,7 +152,8 @@ class LABPAL(FlatOptimizer):
         self.eps = float(eps)
         self.fit = fit
         self.cap_sgd_updates = cap_sgd_updates
-        self._scalars = _Scalars()
+        self.process_group = process_group
+        self._scalars = Scalars()
         self._measurement: list[tuple[Any, int, float]] = []  # (closure, seed, loss at theta0)
         self._device_skips: torch.Tensor | None = None  # CUDA: updates skipped on the device
         self._next_momentum: float | None = None  # a group's new momentum, applied between measurements
@@ -341,15 +326,22 @@ class LABPAL(FlatOptimizer):
         return self._acc(b) if self._accumulating() else b.grad
 
     def _direction_sums(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``||D||`` and ``<d, D>`` over all buckets (fp64 device tensors, no sync), where ``d``
-        is the mean gradient of ``count`` batches and ``D = d + momentum * buf``."""
-        sq, dot = [], []
-        for b in self._buckets:
-            sq_b, dot_b = self._backend.labpal_sums(b, self._source(b), count=count, momentum=self.momentum)
-            sq.append(sq_b)
-            dot.append(dot_b)
+        """``||D||`` and ``<d, D>`` over all buckets and ranks (fp64 device tensors, no sync),
+        where ``d`` is the mean gradient of ``count`` batches and ``D = d + momentum * buf``."""
         dev = self._buckets[0].device
-        return torch.stack([t.to(dev) for t in sq]).sum().sqrt(), torch.stack([t.to(dev) for t in dot]).sum()
+        sums = {False: torch.zeros(2, dtype=torch.float64, device=dev)}  # by whether the bucket holds shards
+        sums[True] = sums[False].clone()
+        for b in self._buckets:
+            sums[b.sharded] += torch.stack(self._backend.labpal_sums(b, self._source(b), count=count, momentum=self.momentum)).to(dev)
+        sq, dot = agree_on_sums(resolve_group(self.process_group), sums[False], sums[True])
+        return sq.sqrt(), dot
+
+    def _agreed(self, loss) -> float:
+        """A closure's loss averaged over the ranks (each computes its share of the batch)."""
+        group = resolve_group(self.process_group)
+        if group is None:
+            return float(loss)
+        return float(agree_on_loss(group, torch.as_tensor(loss).to(self._buckets[0].device, torch.float64).clone()))
 
     @torch.no_grad()
     def _update(self, count: int, norm: torch.Tensor, ok: torch.Tensor | None) -> None:
@@ -382,7 +374,7 @@ class LABPAL(FlatOptimizer):
             seed = draw_seed()
             out, loss = self._first_call(closure, seed, backwards=False)
             s.forwards += 1
-        self._measurement.append((closure, seed, float(loss)))
+        self._measurement.append((closure, seed, self._agreed(loss)))
         if i + 1 == s.k:
             norm, dot = self._direction_sums(s.k)
             norm_v, dot_v = torch.stack([norm, dot]).tolist()  # the search's one sync
@@ -487,7 +479,7 @@ class LABPAL(FlatOptimizer):
             for closure, seed, _ in self._measurement:
                 _, loss = replay(closure, seed)
                 s.forwards += 1
-                losses.append(float(loss))
+                losses.append(self._agreed(loss))
         return nanmean(losses)
 
     # -- state_dict (saved and loaded by the shell, as a "labpal" entry beside torch's layout) ----

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from . import backends
-from ._flat_optimizer import FlatOptimizer, SaLSAWarning, check, count, finite, is_int, is_real
+from ._flat_optimizer import FlatOptimizer
+from .checks import SaLSAWarning, check, count, finite, is_int, is_real
 from .amp import ScalerLink
 from .armijo import FAST, MIN_LOSS, SLOW, backtrack, search_interval
 from .closure import draw_seed

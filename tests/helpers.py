@@ -223,7 +223,7 @@ def snapshot(model, opt):
     params = [p.detach().clone() for p in model.parameters()]
     sd = opt.state_dict()
     state = {i: {k: v.clone() for k, v in s.items()} for i, s in sd["state"].items()}
-    return params, state, dict(sd["salsa"])
+    return params, state, dict(sd["param_groups"][0]["salsa"])
 
 
 def assert_unchanged(model, opt, snap, ignore=("forwards", "backwards", "skipped")) -> None:
@@ -235,5 +235,17 @@ def assert_unchanged(model, opt, snap, ignore=("forwards", "backwards", "skipped
     for i, s in state.items():
         for k, v in s.items():
             assert torch.equal(sd["state"][i][k], v), (i, k)
-    now = {k: v for k, v in sd["salsa"].items() if k not in ignore}
+    now = {k: v for k, v in sd["param_groups"][0]["salsa"].items() if k not in ignore}
     assert now == {k: v for k, v in scalars.items() if k not in ignore}
+
+
+def with_scalars(sd: dict, entry: str, **changes) -> dict:
+    """``sd`` (not changed) with ``changes`` made to the run's scalars, which every group holds
+    under ``entry`` ("salsa", "labpal")."""
+    groups = [{**g, entry: {**g[entry], **changes}} for g in sd["param_groups"]]
+    return {**sd, "param_groups": groups}
+
+
+def without_scalars(sd: dict, entry: str) -> dict:
+    """``sd`` with the run's scalars dropped from every group."""
+    return {**sd, "param_groups": [{k: v for k, v in g.items() if k != entry} for g in sd["param_groups"]]}

@@ -96,7 +96,7 @@ def test_non_finite_gradient_is_skipped_on_the_device(backend):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert not opt.last_step.skipped  # (not known yet)
     with pytest.warns(SaLSAWarning, match="non-finite"):
-        scalars = opt.state_dict()["salsa"]
+        scalars = opt.state_dict()["param_groups"][0]["salsa"]
     assert scalars["skipped"] == 1 and scalars["step"] == steps
 
 
@@ -122,7 +122,7 @@ def test_device_skips_match_the_cpu_in_float64(backend):
                 opt.zero_grad()
                 opt.step(closure)
                 calls.append(count[0])
-            scalars = opt.state_dict()["salsa"]
+            scalars = opt.state_dict()["param_groups"][0]["salsa"]
         runs.append((model.cpu(), calls, scalars))
     (a, calls_a, sa), (b, calls_b, sb) = runs
     assert calls_a == calls_b
@@ -249,7 +249,7 @@ def test_labpal_non_finite_gradient_is_skipped_on_the_device(backend):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(model.parameters(), momentum))
     assert opt.stats["skipped_updates"] == 1
-    assert opt.state_dict()["labpal"]["skipped"] == 1
+    assert opt.state_dict()["param_groups"][0]["labpal"]["skipped"] == 1
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

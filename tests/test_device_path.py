@@ -74,8 +74,8 @@ def test_device_skips_end_where_host_skips_end(backend, keep_backup):
     for step, (a, b) in enumerate(zip(host_params, dev_params)):
         assert all(torch.equal(p, q) for p, q in zip(a, b)), step
     sd_host, sd_dev = host.state_dict(), dev.state_dict()
-    assert sd_dev["salsa"] == sd_host["salsa"]
-    assert sd_host["salsa"]["skipped"] == len(POISONED)
+    assert sd_dev["param_groups"][0]["salsa"] == sd_host["param_groups"][0]["salsa"]
+    assert sd_host["param_groups"][0]["salsa"]["skipped"] == len(POISONED)
     assert sd_dev["param_groups"] == sd_host["param_groups"]
     assert sd_dev["state"].keys() == sd_host["state"].keys()
     for i, entry in sd_host["state"].items():
@@ -110,7 +110,7 @@ def test_device_skip_is_reported_by_the_next_sync(backend):
         assert opt.stats["skipped_steps"] == int(host_checks)
         with warnings.catch_warnings(record=True) as at_sync:
             warnings.simplefilter("always", SaLSAWarning)
-            scalars = opt.state_dict()["salsa"]
+            scalars = opt.state_dict()["param_groups"][0]["salsa"]
         assert bool(at_sync) != host_checks  # the warning comes with the count
         assert scalars["skipped"] == 1 and scalars["step"] == before
         assert opt.stats["skipped_steps"] == 1

@@ -135,7 +135,7 @@ def test_a_closure_that_raises_mid_search_leaves_the_parameters(failure, backend
     assert next_step_searches(opt)
     before = [p.detach().clone() for p in model.parameters()]
     state = {k: v.clone() for k, v in opt.state[next(iter(model.parameters()))].items()}
-    scalars = dict(opt.state_dict()["salsa"])
+    scalars = dict(opt.state_dict()["param_groups"][0]["salsa"])
     x, y = digits(torch.float64)
     calls = [0]
 
@@ -155,7 +155,7 @@ def test_a_closure_that_raises_mid_search_leaves_the_parameters(failure, backend
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)  # back, to a rounding per move
     for k, v in opt.state[next(iter(model.parameters()))].items():
         assert torch.equal(v, state[k])
-    assert opt.state_dict()["salsa"] == scalars
+    assert opt.state_dict()["param_groups"][0]["salsa"] == scalars
     assert all(b.lean_at is None and not b.scratch for b in opt._buckets)
     train(model, opt, 3, dtype=torch.float64, start=3)  # and training goes on
 

@@ -444,7 +444,7 @@ def test_resume(cut):
     assert opt.stats == full_opt.stats  # every counter, the step and the learning rate, exactly
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), full_model.parameters()))
     if was_measuring:  # the restarted measurement finished
-        assert opt.stats["measurements"] == ckpt["opt"]["labpal"]["measurements"] + 1 and not opt.measuring
+        assert opt.stats["measurements"] == ckpt["opt"]["param_groups"][0]["labpal"]["measurements"] + 1 and not opt.measuring
 
 
 def test_bad_hyperparameters():

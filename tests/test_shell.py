@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import mlp, train
+from helpers import mlp, train, with_scalars
 
 from salsa_fast import LABPAL, SaLSA
 from salsa_fast.backends import Backend, torch_ops
@@ -194,7 +194,7 @@ def test_every_bad_checkpoint_scalar_is_refused_with_nothing_changed(which):
     for field_name, value in cases:
         if field_name == "decrease_avg" and value == -1.0:
             continue  # (a smoothed decrease may be any finite number)
-        sd = {**good, entry: {**good[entry], field_name: value}}
+        sd = with_scalars(good, entry, **{field_name: value})
         with pytest.raises(ValueError, match=rf"'{entry}' entry has {field_name}="):
             opt.load_state_dict(sd)
         _assert_same(before, model, opt)
@@ -206,9 +206,9 @@ def test_nan_step_size_and_negative_step_count(name):
     good = opt.state_dict()
     before = _everything(model, opt)
     with pytest.raises(ValueError, match=f"{size}=nan"):
-        opt.load_state_dict({**good, entry: {**good[entry], size: math.nan}})
+        opt.load_state_dict(with_scalars(good, entry, **{size: math.nan}))
     with pytest.raises(ValueError, match=f"{counter}=-1"):
-        opt.load_state_dict({**good, entry: {**good[entry], counter: -1}})
+        opt.load_state_dict(with_scalars(good, entry, **{counter: -1}))
     _assert_same(before, model, opt)
     # and the optimizer trains on exactly as one that never saw the bad checkpoints
     twin_model, twin = _trained(name)
@@ -273,16 +273,34 @@ def test_no_module_of_the_package_is_over_500_lines():
     assert len(sizes) > 20 and not {m: n for m, n in sizes.items() if n > 500}
 
 
-def test_a_checkpoint_from_before_the_shared_group_entry_loads_and_resumes_exactly(name):
-    """Checkpoints written before the groups held ``betas`` (SaLSA) or ``momentum`` (LABPAL)."""
+def test_a_checkpoint_of_the_previous_layout_loads_and_resumes_exactly(name):
+    """Checkpoints written before the groups held ``betas`` (SaLSA) or ``momentum`` (LABPAL),
+    and the run's scalars (they were a top-level entry)."""
     key = {"SaLSA": "betas", "LABPAL": "momentum"}[name]
+    entry = ENTRY[name][0]
     model, opt = _trained(name)
     _, old = _everything(model, opt)  # (a copy: the state's tensors are live views)
-    old["param_groups"] = [{k: v for k, v in g.items() if k != key} for g in old["param_groups"]]
-    twin_model, twin = _trained(name)
+    old[entry] = old["param_groups"][0][entry]
+    old["param_groups"] = [{k: v for k, v in g.items() if k not in (key, entry)} for g in old["param_groups"]]
+    twin_model, twin = _trained(name, steps=3)  # (other scalars than the checkpoint's)
     twin_model.load_state_dict(model.state_dict())
     twin.load_state_dict(old)
     assert twin.param_groups[0][key] == opt.param_groups[0][key]
+    assert twin.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
     train(model, opt, 6, dtype=torch.float64, start=12)
     train(twin_model, twin, 6, dtype=torch.float64, start=12)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
+    assert twin.stats == opt.stats
+
+
+def test_param_groups_that_hold_different_scalars_are_refused(name):
+    entry, size, _ = ENTRY[name]
+    model, opt = _trained(name)
+    sd = opt.state_dict()
+    groups = [{"params": [p]} for p in model.parameters()]
+    two = type(opt)(groups)
+    two_sd = two.state_dict()
+    two_sd["param_groups"][1][entry] = {**two_sd["param_groups"][1][entry], size: 0.5}
+    with pytest.raises(ValueError, match=f"different '{entry}' entries"):
+        two.load_state_dict(two_sd)
+    assert sd["param_groups"][0][entry] == opt.param_groups[0][entry]  # the live groups hold the last copy
