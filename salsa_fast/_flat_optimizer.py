@@ -16,7 +16,7 @@ import math
 import operator
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, ClassVar
 
 import torch
@@ -73,7 +73,7 @@ class FlatOptimizer(Optimizer):
         self._repack()
         self._follow_shared()
         for group in self.param_groups:
-            group[self.entry] = asdict(self._scalars)
+            group[self.entry] = self._scalars_entry()
         self._ready = True
 
     # -- param groups --------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class FlatOptimizer(Optimizer):
         super().add_param_group(param_group)
         self._init_group(self.param_groups[-1])
         if self._ready:
-            self.param_groups[-1][self.entry] = asdict(self._scalars)
+            self.param_groups[-1][self.entry] = self._scalars_entry()
             self._repack()
 
     def _check_group_values(self, group: dict[str, Any], where: str) -> None:
@@ -329,10 +329,10 @@ class FlatOptimizer(Optimizer):
         checkpoint can reshard."""
         self._fold_pending_skips()
         for group in self.param_groups:  # (also the live groups': see _unflatten_optim_state_dict)
-            group[self.entry] = asdict(self._scalars)
+            group[self.entry] = self._scalars_entry()
         sd = super().state_dict()
         for group in sd["param_groups"]:
-            group[self.entry] = asdict(self._scalars)  # (its own copy: a loader may fill it in place)
+            group[self.entry] = self._scalars_entry()  # (its own copy: a loader may fill it in place)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, entry in list(sd["state"].items()):
             if hasattr(params[i], "device_mesh"):
@@ -387,17 +387,25 @@ class FlatOptimizer(Optimizer):
                 target.zero_() if value is None else target.copy_(value)
         for g, sg in zip(self.param_groups, saved_groups):
             g.update({k: v for k, v in sg.items() if k not in ("params", "param_names", self.entry)})
-            g[self.entry] = asdict(scalars)
         self._scalars = scalars
+        for g in self.param_groups:
+            g[self.entry] = self._scalars_entry()
         self._shared.clear()
         self._follow_shared()
         self._on_load()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    def _scalars_entry(self) -> dict[str, Any]:
+        """The run's scalars as a group holds them: numbers, flags, and lists written as text
+        (``"0.25,0.5"``). Loading a full state dict, torch takes a list apart into its elements,
+        drops an empty one and lays the rest over the loading optimizer's own list (a longer one
+        would keep its tail): text comes through every way of saving whole."""
+        return {k: ",".join(map(repr, v)) if isinstance(v, list) else v for k, v in asdict(self._scalars).items()}
+
     def _saved_scalars(self, state_dict: dict[str, Any]) -> Any:
         """The run's scalars in a state_dict: in every param group, alike (else at its top level,
-        where checkpoints written before they moved into the groups hold them)."""
+        where checkpoints written before they moved into the groups hold them), lists read back."""
         in_groups = [sg.get(self.entry) for sg in state_dict["param_groups"]]
         if all(s is None for s in in_groups):
             if self.entry not in state_dict:
@@ -405,7 +413,12 @@ class FlatOptimizer(Optimizer):
             return state_dict[self.entry]
         if any(_plain_scalars(s) != _plain_scalars(in_groups[0]) for s in in_groups):
             raise ValueError(f"the state_dict's param groups hold different {self.entry!r} entries: they must be alike")
-        return in_groups[0]
+        saved = in_groups[0]
+        if not isinstance(saved, dict):
+            return saved  # (checked_scalars names it)
+        lists = {f.name for f in fields(self.Scalars) if f.default_factory is list}
+        return {k: _list_from_text(v, f"{self.entry!r} entry's {k}") if k in lists and isinstance(v, str) else v
+                for k, v in saved.items()}  # fmt: skip
 
     def _missing_state_hint(self, key: str) -> str:
         return ""
@@ -417,6 +430,13 @@ class FlatOptimizer(Optimizer):
 def _plain(value: Any) -> Any:
     """Lists as tuples (a checkpoint may turn a group's tuple into a list)."""
     return tuple(value) if isinstance(value, list) else value
+
+
+def _list_from_text(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"the state_dict's {what}={text!r}: must be numbers separated by commas") from None
 
 
 def _plain_scalars(saved: Any) -> Any:

@@ -1,50 +1,33 @@
 """Worker processes for the distributed tests (gloo on CPU): importable, so spawn can find them.
 
-Each worker trains the digits MLP of ``helpers`` on its rank's half of every batch and saves
-what the test compares (parameters, closure calls after every step, stats) to ``out_dir``.
+Each worker is ``fn(rank, world, store, out_dir, ...)`` (see ``multiprocess.spawn``). It trains
+the digits MLP of ``helpers`` on its rank's share of every batch and saves what the test
+compares (parameters, closure calls after every step, stats) to ``out_dir``.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 from helpers import batches, digits, make_closure, mlp
+from multiprocess import finish, init
 from torch import nn
 
-from salsa_fast import SaLSA
+from salsa_fast import LABPAL, SaLSA
 
 STEPS = 40
 BATCH = 64
-OPTIONS = {}
-
-
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
-def _finish() -> None:
-    """Tear down only once every rank is done: a rank that destroys the group while a peer's
-    collective (FSDP2's gathers in ``_save``) is still in flight makes gloo abort the peer
-    ("terminate called without an active exception", SIGABRT)."""
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _disable_agreement() -> None:
-    """What the optimizer would do without its collectives: decide on local numbers."""
-    import salsa_fast.distributed as d
-
-    d.agree_on_search = lambda group, loss, pp_full, pp_sharded: torch.stack([loss, pp_full + pp_sharded])
-    d.agree_on_loss = lambda group, loss: loss
-    d.agree_on_flag = lambda group, flag: flag
-    import salsa_fast.salsa as o
-
-    o.agree_on_search, o.agree_on_loss, o.agree_on_flag = d.agree_on_search, d.agree_on_loss, d.agree_on_flag
+# LABPAL measuring often (3 batches per measurement, every 8 updates once warmed up), so that
+# 40 calls hold several measurements and the checkpoint at call 20 falls between two of them.
+LABPAL_OPTIONS = dict(training_set_size=1797, batch_size=BATCH, reuse_steps=8, warmup_updates=6, measure_batches=3,
+                      max_step_size=0.2)  # fmt: skip
+OPTIMIZERS = {
+    "SaLSA": lambda params, **kw: SaLSA(params, **kw),
+    "LABPAL": lambda params, **kw: LABPAL(params, **LABPAL_OPTIONS, **kw),
+}
 
 
 def train_shards(model, opt, rank: int, world: int, start: int, steps: int, calls: list[int]) -> None:
@@ -58,60 +41,76 @@ def train_shards(model, opt, rank: int, world: int, start: int, steps: int, call
         calls.append(count[0])
 
 
-def _save(out_dir, rank, model, opt, calls, **extra) -> None:
-    params = [p.detach().clone() for p in model.parameters()]
+def wrapped(kind: str, seed: int = 0, **ddp_options):
+    """``(the model to train, the module that holds the parameters)`` for ``kind``: "ddp",
+    "fsdp" (FSDP2: every parameter a DTensor sharded over the ranks) or "plain"."""
+    model = mlp(seed=seed)
+    if kind == "ddp":
+        return nn.parallel.DistributedDataParallel(model, **ddp_options), model
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    return model, model
+
+
+def result(module, opt, calls, **extra) -> dict:
+    params = [p.detach().clone() for p in module.parameters()]
     if params and hasattr(params[0], "full_tensor"):
         params = [p.full_tensor() for p in params]  # DTensor shards gathered
-    torch.save({"params": params, "calls": calls, "stats": opt.stats, **extra}, os.path.join(out_dir, f"rank{rank}.pt"))
+    return {"params": params, "calls": list(calls), "stats": opt.stats, **extra}
 
 
-def ddp(rank: int, world: int, port: int, out_dir: str, agreement: bool = True, backend: str = "torch") -> None:
-    _init(rank, world, port)
+def _save(out_dir, rank, results) -> None:
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _disable_agreement() -> None:
+    """What the optimizer would do without its collectives: decide on local numbers."""
+    import salsa_fast.salsa as o
+
+    o.agree_on_search = lambda group, loss, pp_full, pp_sharded: torch.stack([loss, pp_full + pp_sharded])
+    o.agree_on_loss = lambda group, loss: loss
+    o.agree_on_flag = lambda group, flag: flag
+
+
+def train(rank, world, store, out_dir, kind="ddp", name="SaLSA", backend="auto", agreement=True, bucket_view=False):
+    """One run of ``STEPS`` steps; with ``bucket_view``, DDP's ``gradient_as_bucket_view=True``
+    and the warnings the run raised."""
+    init(rank, world, store)
     if not agreement:
         _disable_agreement()
-    model = nn.parallel.DistributedDataParallel(mlp())
-    opt = SaLSA(model.parameters(), backend=backend, **OPTIONS)
+    model, module = wrapped(kind, **({"gradient_as_bucket_view": True} if bucket_view else {}))
     calls: list[int] = []
-    train_shards(model, opt, rank, world, 0, STEPS, calls)
-    _save(out_dir, rank, model.module, opt, calls)
-    _finish()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = OPTIMIZERS[name](model.parameters(), backend=backend)
+        train_shards(model, opt, rank, world, 0, STEPS, calls)
+    _save(out_dir, rank, result(module, opt, calls, sharded=[b.sharded for b in opt._buckets],
+                                warnings=[str(w.message) for w in caught]))  # fmt: skip
+    finish()
 
 
-def ddp_checkpoint(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Train half, rank 0 saves, every rank loads into fresh objects, train the rest."""
-    _init(rank, world, port)
-    model = nn.parallel.DistributedDataParallel(mlp())
-    opt = SaLSA(model.parameters(), **OPTIONS)
+def checkpoint_rank0_saves(rank, world, store, out_dir):
+    """DDP: train half, rank 0 saves ``state_dict()``s, every rank loads into fresh objects, train on."""
+    init(rank, world, store)
+    model, module = wrapped("ddp")
+    opt = SaLSA(model.parameters())
     calls: list[int] = []
     train_shards(model, opt, rank, world, 0, STEPS // 2, calls)
     path = os.path.join(out_dir, "checkpoint.pt")
     if rank == 0:
-        torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, path)
+        torch.save({"model": module.state_dict(), "opt": opt.state_dict()}, path)
     dist.barrier()
     checkpoint = torch.load(path, weights_only=True)
-    fresh = mlp(seed=123)
-    fresh.load_state_dict(checkpoint["model"])
-    model = nn.parallel.DistributedDataParallel(fresh)
-    opt = SaLSA(model.parameters(), **OPTIONS)
+    module = mlp(seed=123)
+    module.load_state_dict(checkpoint["model"])
+    model = nn.parallel.DistributedDataParallel(module)
+    opt = SaLSA(model.parameters())
     opt.load_state_dict(checkpoint["opt"])
     train_shards(model, opt, rank, world, STEPS // 2, STEPS - STEPS // 2, calls)
-    _save(out_dir, rank, model.module, opt, calls)
-    _finish()
-
-
-def fsdp(rank: int, world: int, port: int, out_dir: str) -> None:
-    """FSDP2 (fully_shard): every parameter is a DTensor sharded over the two ranks."""
-    _init(rank, world, port)
-    from torch.distributed.fsdp import fully_shard
-
-    model = mlp()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    opt = SaLSA(model.parameters(), **OPTIONS)
-    calls: list[int] = []
-    train_shards(model, opt, rank, world, 0, STEPS, calls)
-    sharded = [b.sharded for b in opt._buckets]
-    _save(out_dir, rank, model, opt, calls, sharded=sharded)
-    _finish()
+    _save(out_dir, rank, result(module, opt, calls))
+    finish()

@@ -1,0 +1,99 @@
+"""``torch.distributed.checkpoint`` (DCP) and its state-dict helpers, as FSDP2, torchtitan and
+accelerate save optimizers: a run resumed from such a checkpoint continues exactly as the
+uninterrupted one (same closure calls, equal parameters and stats), for SaLSA and LABPAL, in one
+process, under DDP and under FSDP2 (two gloo ranks); and a checkpoint FSDP2 wrote on two ranks
+loads into one process and continues with the same decisions.
+
+torch keeps only ``state`` and ``param_groups`` of an optimizer's state_dict (and, flattened,
+only what each parameter's group holds): the run's scalars live in every group for that reason.
+"""
+
+import os
+
+import dcp_workers
+import dist_workers
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import mlp, train
+from multiprocess import spawn
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+WORLD = 2
+ONE_PROCESS_ATOL = 4 * 2**-24  # as in test_distributed: the ranks' gradients are summed in another order
+NAMES = tuple(dist_workers.OPTIMIZERS)
+
+
+def _assert_resumed_exactly(results, name, how):
+    straight, resumed = results[name, "uninterrupted"], results[name, how]
+    assert not resumed["measuring_at_save"]  # (a checkpoint inside a LABPAL measurement restarts it)
+    assert resumed["calls"] == straight["calls"]
+    assert all(torch.equal(p, q) for p, q in zip(resumed["params"], straight["params"]))
+    assert resumed["stats"] == straight["stats"]
+    decisions = straight["stats"]["searches" if name == "SaLSA" else "measurements"]
+    assert decisions >= 4 and straight["calls"][dcp_workers.HALF] > straight["calls"][dcp_workers.HALF - 1] > 0
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return dcp_workers.resume_all("plain", 0, 1, str(tmp_path_factory.mktemp("dcp")), saves=("dcp", "dcp-flat"))
+
+
+@pytest.mark.parametrize("how", ["dcp", "dcp-flat"])
+@pytest.mark.parametrize("name", NAMES)
+def test_one_process(one_process, name, how):
+    _assert_resumed_exactly(one_process, name, how)
+
+
+def _spawned(tmp_path_factory, kind):
+    out = tmp_path_factory.mktemp(kind)
+    spawn(dcp_workers.resume, WORLD, out, str(out), kind)
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return _spawned(tmp_path_factory, "ddp")
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 is not available")
+    return _spawned(tmp_path_factory, "fsdp")
+
+
+def _assert_ranks_agree(ranks, key):
+    first = ranks[0][key]
+    for other in ranks[1:]:
+        assert other[key]["calls"] == first["calls"] and other[key]["stats"] == first["stats"]
+        assert all(torch.equal(p, q) for p, q in zip(other[key]["params"], first["params"]))
+
+
+@pytest.mark.parametrize("how", dcp_workers.SAVES)
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp(ddp, name, how):
+    _assert_ranks_agree(ddp, (name, how))
+    _assert_resumed_exactly(ddp[0], name, how)
+
+
+@pytest.mark.parametrize("how", dcp_workers.SAVES)
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2(fsdp, name, how):
+    _assert_ranks_agree(fsdp, (name, how))
+    _assert_resumed_exactly(fsdp[0], name, how)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2_checkpoint_of_two_ranks_resumes_in_one_process(fsdp, name):
+    """DCP reshards: the state FSDP2 saved as two ranks' shards loads into one unsharded model;
+    trained on from there on whole batches, it takes the decisions of the two ranks' run."""
+    straight = fsdp[0][name, "uninterrupted"]
+    path = fsdp[0][name, "dcp"]["path"]
+    model = mlp(seed=123)
+    opt = dist_workers.OPTIMIZERS[name](model.parameters())
+    dcp_workers.load("dcp", model, opt, path)
+    run = train(model, opt, dist_workers.STEPS - dcp_workers.HALF, start=dcp_workers.HALF, batch=dist_workers.BATCH)
+    done_before = straight["calls"][dcp_workers.HALF - 1]
+    assert [done_before + c for c in run.calls] == straight["calls"][dcp_workers.HALF :]
+    assert max((p - q.detach()).abs().max().item() for p, q in zip(straight["params"], model.parameters())) <= ONE_PROCESS_ATOL
+    assert opt.stats == pytest.approx(straight["stats"], rel=1e-6)  # (the counters exactly; step sizes to rounding)
