@@ -325,18 +325,20 @@ class FlatOptimizer(Optimizer):
         distributed checkpoint keeps only ``state`` and ``param_groups``, and its flattened form
         only what each parameter's group holds). Tensors in ``state`` are live views of the
         optimizer's buffers, as with torch's own optimizers (``torch.save`` copies them); those
-        of DTensor parameters (FSDP2) are DTensors laid out like them, which the distributed
-        checkpoint can reshard."""
+        of DTensor parameters (FSDP2) are copies, as DTensors laid out like the parameters,
+        which the distributed checkpoint can reshard."""
         self._fold_pending_skips()
         for group in self.param_groups:  # (also the live groups': see _unflatten_optim_state_dict)
             group[self.entry] = self._scalars_entry()
         sd = super().state_dict()
         for group in sd["param_groups"]:
             group[self.entry] = self._scalars_entry()  # (its own copy: a loader may fill it in place)
+        # DTensors over copies: torch.save cannot write a DTensor whose local tensor is a view at
+        # an offset (its pickling takes the wrapper for a plain tensor and reads a null storage)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, entry in list(sd["state"].items()):
             if hasattr(params[i], "device_mesh"):
-                sd["state"][i] = {key: as_dtensor_like(params[i], v) for key, v in entry.items()}
+                sd["state"][i] = {key: as_dtensor_like(params[i], v.clone()) for key, v in entry.items()}
         return sd
 
     @torch._disable_dynamo

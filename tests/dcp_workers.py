@@ -8,7 +8,11 @@ Three ways to save, each as its users write it:
   ``get_optimizer_state_dict`` (FSDP2's and torchtitan's way; DTensor state is saved sharded);
 * ``"dcp-flat"``: the same with ``flatten_optimizer_state_dict=True`` (torchtitan's default);
 * ``"full-rank0"``: full state dicts gathered to rank 0 (``full_state_dict=True,
-  cpu_offload=True``), ``torch.save`` there, then ``broadcast_from_rank0=True`` on load.
+  cpu_offload=True``), ``torch.save`` there, then ``broadcast_from_rank0=True`` on load;
+* ``"per-rank"``: no DCP: each rank ``torch.save``s its own ``state_dict()``s (FSDP2's hold
+  DTensors) and loads them back with ``weights_only=True``;
+* ``"per-rank-previous"``: the same, with the optimizer's checkpoint as the previous release
+  wrote it (the scalars at its top level, FSDP2 state as plain local shards).
 """
 
 from __future__ import annotations
@@ -29,10 +33,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 HALF = STEPS // 2
-SAVES = ("dcp", "dcp-flat", "full-rank0")
+SAVES = ("dcp", "dcp-flat", "full-rank0", "per-rank", "per-rank-previous")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def save(how: str, model, opt, path: str) -> None:
+    if how.startswith("per-rank"):
+        optim = opt.state_dict() if how == "per-rank" else _as_previously_written(opt)
+        torch.save({"model": model.state_dict(), "optim": optim}, f"{path}-rank{_rank()}.pt")
+        return
     if how == "full-rank0":
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd = {"model": get_model_state_dict(model, options=options),
@@ -47,7 +59,21 @@ def save(how: str, model, opt, path: str) -> None:
     dcp.save(sd, checkpoint_id=path)
 
 
+def _as_previously_written(opt) -> dict:
+    sd = opt.state_dict()
+    sd[opt.entry] = dict(sd["param_groups"][0][opt.entry])
+    sd[opt.entry].update({k: [float(x) for x in v.split(",") if x] for k, v in sd[opt.entry].items() if isinstance(v, str)})
+    sd["param_groups"] = [{k: v for k, v in g.items() if k != opt.entry} for g in sd["param_groups"]]
+    sd["state"] = {i: {k: getattr(v, "_local_tensor", v) for k, v in e.items()} for i, e in sd["state"].items()}
+    return sd
+
+
 def load(how: str, model, opt, path: str) -> None:
+    if how.startswith("per-rank"):
+        sd = torch.load(f"{path}-rank{_rank()}.pt", weights_only=True)
+        model.load_state_dict(sd["model"])
+        opt.load_state_dict(sd["optim"])
+        return
     if how == "full-rank0":
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True)
         sd = torch.load(path + ".pt", weights_only=True) if dist.get_rank() == 0 else {"model": {}, "optim": {}}

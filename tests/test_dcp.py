@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 WORLD = 2
 ONE_PROCESS_ATOL = 4 * 2**-24  # as in test_distributed: the ranks' gradients are summed in another order
 NAMES = tuple(dist_workers.OPTIMIZERS)
+ONE_PROCESS_SAVES = ("dcp", "dcp-flat", "per-rank", "per-rank-previous")  # (no rank 0 to gather to)
 
 
 def _assert_resumed_exactly(results, name, how):
@@ -36,10 +37,10 @@ def _assert_resumed_exactly(results, name, how):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    return dcp_workers.resume_all("plain", 0, 1, str(tmp_path_factory.mktemp("dcp")), saves=("dcp", "dcp-flat"))
+    return dcp_workers.resume_all("plain", 0, 1, str(tmp_path_factory.mktemp("dcp")), saves=ONE_PROCESS_SAVES)
 
 
-@pytest.mark.parametrize("how", ["dcp", "dcp-flat"])
+@pytest.mark.parametrize("how", ONE_PROCESS_SAVES)
 @pytest.mark.parametrize("name", NAMES)
 def test_one_process(one_process, name, how):
     _assert_resumed_exactly(one_process, name, how)
