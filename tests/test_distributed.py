@@ -117,3 +117,17 @@ def test_torchrun_example(tmp_path):
     done = torchrun(example, "--steps", "30", cwd=tmp_path)
     assert "ranks hold identical parameters: True" in done.stdout
     assert (tmp_path / "salsa_ddp_checkpoint.pt").exists()
+
+
+def test_fsdp2_dcp_example_resumes_exactly(tmp_path):
+    """examples/fsdp2_dcp.py on two CPU ranks: resumed from its step-10 checkpoint, it ends with
+    the parameters (checksum) and closure calls of the run that never stopped."""
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 is not available")
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "fsdp2_dcp.py")
+    straight = torchrun(example, "--steps", "20", "--save-every", "10", "--checkpoint-dir", "straight", cwd=tmp_path)
+    assert (tmp_path / "straight" / "step-10").is_dir() and (tmp_path / "straight" / "step-20").is_dir()
+    resumed = torchrun(example, "--steps", "20", "--resume", str(tmp_path / "straight" / "step-10"),
+                       "--checkpoint-dir", "resumed", cwd=tmp_path)  # fmt: skip
+    assert "resumed from" in resumed.stdout
+    last = [line for line in straight.stdout.splitlines() if line.startswith("parameter checksum")]
+    assert len(last) == 1 and last == [line for line in resumed.stdout.splitlines() if line.startswith("parameter checksum")]
