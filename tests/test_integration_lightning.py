@@ -1,14 +1,23 @@
-"""SaLSAMixin with lightning.Trainer on CPU: it trains, counts steps, logs the step size."""
+"""SaLSAMixin with lightning.Trainer on CPU: it trains, counts steps, logs the step size; on two
+processes (DDP) the ranks take identical decisions, and a run resumed mid-epoch continues exactly."""
 
 import csv
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 from helpers import digits
+from multiprocess import diagnosis
 from torch import nn
 
 L = pytest.importorskip("lightning")
+import lightning_ddp_worker as worker  # noqa: E402
+
 from salsa_fast import SaLSA  # noqa: E402
 from salsa_fast.integrations.lightning import SaLSAMixin  # noqa: E402
 
@@ -105,3 +114,101 @@ def test_bf16_mixed_precision(tmp_path):
     trainer, _ = _fit(model, tmp_path, steps=60, precision="bf16-mixed")
     assert trainer.global_step == 60
     assert _full_loss(model) < initial / 2
+
+
+# -- two processes: strategy="ddp" starts rank 1 by running the script again, so the runs happen in
+# tests/lightning_ddp_worker.py, a subprocess with a deadline (and the ranks' collectives time out).
+
+DDP_DEADLINE_S = 300
+DDP_STEPS = 16
+CHECKPOINT_STEP = 5  # mid-epoch: an epoch is ROWS / (2 * BATCH) = 8 steps
+BATCHES_PER_EPOCH = worker.ROWS // (2 * worker.BATCH)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_fit(out, *args: str) -> list[dict]:
+    """Run the worker on two processes; each rank's results. The port is picked just before the
+    launch; if another process took it meanwhile, the run is tried once more on a new one."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for attempt in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}  # this checkout's
+        log = os.path.join(out, f"ranks-{attempt}.log")
+        # Output to a file, not a pipe, and the worker in its own session: rank 0 returns (it waits for
+        # rank 1 when it succeeds), and whatever is left of the session is killed, rank 1 included
+        # (Lightning does not stop it when rank 0 fails, e.g. on a taken port: it would wait out its timeout).
+        with open(log, "w") as sink:
+            run = subprocess.Popen([sys.executable, worker.__file__, str(out), *args], cwd=out, env=env,
+                                   stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            try:
+                run.wait(timeout=DDP_DEADLINE_S)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                try:
+                    os.killpg(run.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                run.wait()
+        with open(log) as f:
+            output = f.read()
+        if timed_out:
+            raise AssertionError(f"the DDP run did not finish in {DDP_DEADLINE_S} s:\n{diagnosis(output)}")
+        if run.returncode == 0 or attempt or "address already in use" not in output.lower():
+            break
+    assert run.returncode == 0, diagnosis(output)
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+
+
+def _identical(a, b) -> bool:
+    """Equal, tensors bit for bit, through dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_identical, a, b))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One 2-process run of DDP_STEPS steps that checkpoints every CHECKPOINT_STEP steps."""
+    out = tmp_path_factory.mktemp("ddp")
+    return out, _ddp_fit(out, "--steps", str(DDP_STEPS), "--checkpoint-every", str(CHECKPOINT_STEP))
+
+
+def test_ddp_ranks_take_identical_decisions_on_their_own_shares(ddp_run):
+    _, (rank0, rank1) = ddp_run
+    assert rank0["global_step"] == rank0["stats"]["steps"] == DDP_STEPS
+    # searches (and trials) ran: on each rank's own loss they would differ (calls, parameters)
+    assert rank0["stats"]["searches"] >= 10 and rank0["stats"]["total_trials"] > 0
+    assert rank0["calls"] == rank1["calls"]
+    assert rank0["stats"] == rank1["stats"]
+    assert _identical(rank0["params"], rank1["params"])
+    assert _identical(rank0["state"], rank1["state"])
+    # Lightning's DistributedSampler: each epoch, the ranks train on disjoint halves of the rows
+    for epoch in range(DDP_STEPS // BATCHES_PER_EPOCH):
+        steps = slice(epoch * BATCHES_PER_EPOCH, (epoch + 1) * BATCHES_PER_EPOCH)
+        rows0, rows1 = ({i for batch in r["rows"][steps] for i in batch} for r in (rank0, rank1))
+        assert not rows0 & rows1 and len(rows0 | rows1) == worker.ROWS
+
+
+def test_ddp_resumed_mid_epoch_continues_as_the_uninterrupted_run(ddp_run, tmp_path):
+    out, uninterrupted = ddp_run
+    checkpoint = out / f"step={CHECKPOINT_STEP}.ckpt"
+    resumed = _ddp_fit(tmp_path, "--steps", str(DDP_STEPS), "--checkpoint-every", str(CHECKPOINT_STEP),
+                       "--resume", str(checkpoint))  # fmt: skip
+    for full, rest in zip(uninterrupted, resumed):
+        assert rest["global_step"] == DDP_STEPS
+        assert rest["rows"] == full["rows"][CHECKPOINT_STEP:]  # the same batches, in the same order
+        assert rest["calls"] == full["calls"][CHECKPOINT_STEP:]
+        assert rest["stats"] == full["stats"]
+        assert _identical(rest["params"], full["params"])
+        assert _identical(rest["state"], full["state"])

@@ -21,6 +21,24 @@ any LR schedulers you return (they scale SaLSA's per-group ``lr`` multiplier), a
 the module's buffers preserved across trials (BatchNorm statistics are updated once per
 step) and, under ``precision="16-mixed"``, Lightning's GradScaler handed to SaLSA. Override it
 to return your own SaLSA (and schedulers) instead.
+
+Several processes (``strategy="ddp"``; tested with two CPU processes): ``training_step`` runs
+inside DDP's forward and the closure's backward is ``manual_backward``, which readies DDP's
+reducer, so the gradient is all-reduced once per step; the search's trial forwards run in the
+same ``training_step`` under ``no_grad``, past the DDP wrapper, and its reducer never sees them
+(they need no ``find_unused_parameters``). SaLSA averages the losses it decides on over the
+ranks, so every rank takes the same decisions and keeps identical parameters. Keep DDP's default
+``gradient_as_bucket_view=False`` (see the README). ``train_loss`` is each rank's own loss
+(rank 0's reaches the loggers), as Lightning logs without ``sync_dist``.
+
+Resuming (``fit(..., ckpt_path=...)``) restores SaLSA's state with Lightning's loop position
+and schedulers; the run continues bit for bit as the uninterrupted one if (1) the checkpoint
+ends an epoch or the train loader is resumable (``state_dict``/``load_state_dict``, e.g.
+torchdata's ``StatefulDataLoader``; a plain DataLoader restarts the epoch at its first batch,
+and Lightning warns), and (2) training draws no random numbers: Lightning does not checkpoint
+random generators, and SaLSA seeds each step's closure calls (dropout) with a draw from torch's.
+Under manual optimization ``ModelCheckpoint(every_n_train_steps=...)`` warns that it saves the
+state after the step: that is the state to resume from.
 """
 
 from __future__ import annotations
