@@ -419,7 +419,7 @@ class FlatOptimizer(Optimizer):
         if not isinstance(saved, dict):
             return saved  # (checked_scalars names it)
         lists = {f.name for f in fields(self.Scalars) if f.default_factory is list}
-        return {k: _list_from_text(v, f"{self.entry!r} entry's {k}") if k in lists and isinstance(v, str) else v
+        return {k: _list_from_text(v, f"{self.entry!r} entry has {k}") if k in lists and isinstance(v, str) else v
                 for k, v in saved.items()}  # fmt: skip
 
     def _missing_state_hint(self, key: str) -> str:

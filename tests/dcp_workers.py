@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dist_workers import OPTIMIZERS, STEPS, _save, result, train_shards, wrapped
+from helpers import as_previous_release
 from multiprocess import finish, init
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -42,7 +43,7 @@ def _rank() -> int:
 
 def save(how: str, model, opt, path: str) -> None:
     if how.startswith("per-rank"):
-        optim = opt.state_dict() if how == "per-rank" else _as_previously_written(opt)
+        optim = opt.state_dict() if how == "per-rank" else as_previous_release(opt.state_dict(), opt.entry)
         torch.save({"model": model.state_dict(), "optim": optim}, f"{path}-rank{_rank()}.pt")
         return
     if how == "full-rank0":
@@ -57,15 +58,6 @@ def save(how: str, model, opt, path: str) -> None:
     sd = {"model": get_model_state_dict(model, options=options),
           "optim": get_optimizer_state_dict(model, opt, options=options)}  # fmt: skip
     dcp.save(sd, checkpoint_id=path)
-
-
-def _as_previously_written(opt) -> dict:
-    sd = opt.state_dict()
-    sd[opt.entry] = dict(sd["param_groups"][0][opt.entry])
-    sd[opt.entry].update({k: [float(x) for x in v.split(",") if x] for k, v in sd[opt.entry].items() if isinstance(v, str)})
-    sd["param_groups"] = [{k: v for k, v in g.items() if k != opt.entry} for g in sd["param_groups"]]
-    sd["state"] = {i: {k: getattr(v, "_local_tensor", v) for k, v in e.items()} for i, e in sd["state"].items()}
-    return sd
 
 
 def load(how: str, model, opt, path: str) -> None:

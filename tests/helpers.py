@@ -249,3 +249,13 @@ def with_scalars(sd: dict, entry: str, **changes) -> dict:
 def without_scalars(sd: dict, entry: str) -> dict:
     """``sd`` with the run's scalars dropped from every group."""
     return {**sd, "param_groups": [{k: v for k, v in g.items() if k != entry} for g in sd["param_groups"]]}
+
+
+def as_previous_release(sd: dict, entry: str) -> dict:
+    """``sd`` as the previous release wrote it: the run's scalars a top-level entry (lists as
+    lists), not in the groups; the state's DTensors (FSDP2) as their plain local shards."""
+    scalars = {k: [float(x) for x in v.split(",") if x] if isinstance(v, str) else v
+               for k, v in sd["param_groups"][0][entry].items()}  # fmt: skip
+    groups = [{k: v for k, v in g.items() if k != entry} for g in sd["param_groups"]]
+    state = {i: {k: getattr(v, "_local_tensor", v) for k, v in e.items()} for i, e in sd["state"].items()}
+    return {**sd, "state": state, "param_groups": groups, entry: scalars}

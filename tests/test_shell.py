@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import mlp, train, with_scalars
+from helpers import as_previous_release, mlp, train, with_scalars
 
 from salsa_fast import LABPAL, SaLSA
 from salsa_fast.backends import Backend, torch_ops
@@ -177,7 +177,7 @@ def _bad_values(name):
         elif isinstance(value, int):
             cases += [(f.name, -1), (f.name, 1.5)] + ([(f.name, 0)] if f.name == "k" else [])  # (LABPAL's k >= 1)
         elif isinstance(value, list):
-            cases += [(f.name, [1.0, math.nan]), (f.name, [-0.5])]
+            cases += [(f.name, [1.0, math.nan]), (f.name, [-0.5]), (f.name, "1.0,nan"), (f.name, "0.5;0.25")]
         else:  # a float (or None until set)
             cases += [(f.name, math.nan), (f.name, math.inf), (f.name, -1.0)]
     return cases
@@ -280,8 +280,8 @@ def test_a_checkpoint_of_the_previous_layout_loads_and_resumes_exactly(name):
     entry = ENTRY[name][0]
     model, opt = _trained(name)
     _, old = _everything(model, opt)  # (a copy: the state's tensors are live views)
-    old[entry] = old["param_groups"][0][entry]
-    old["param_groups"] = [{k: v for k, v in g.items() if k not in (key, entry)} for g in old["param_groups"]]
+    old = as_previous_release(old, entry)
+    old["param_groups"] = [{k: v for k, v in g.items() if k != key} for g in old["param_groups"]]
     twin_model, twin = _trained(name, steps=3)  # (other scalars than the checkpoint's)
     twin_model.load_state_dict(model.state_dict())
     twin.load_state_dict(old)
