@@ -1,40 +1,18 @@
-"""SaLSATrainer: a tiny GPT-2 built from a config (no downloads), on Python's documentation."""
+"""SaLSATrainer: a tiny GPT-2 built from a config (no downloads), on Python's documentation; in
+one process, and with DDP on 2 CPU processes (torchrun), a resumed checkpoint included."""
+
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 from salsa_fast import SaLSA  # noqa: E402
 from salsa_fast.integrations.transformers import SaLSATrainer  # noqa: E402
-
-SEQ = 32
-
-
-class CharDataset(torch.utils.data.Dataset):
-    def __init__(self, n=512):
-        import pydoc_data.topics
-
-        text = "".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))[: n * SEQ + 1]
-        vocab = sorted(set(text))
-        self.vocab = len(vocab)
-        index = {c: i for i, c in enumerate(vocab)}
-        ids = torch.tensor([index[c] for c in text])
-        self.items = [ids[i * SEQ : (i + 1) * SEQ] for i in range(n)]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.items[i], "labels": self.items[i]}
-
-
-def _gpt2(vocab, dropout=0.1):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=vocab, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config)
+import trainer_ddp_worker as worker  # noqa: E402
+from multiprocess import torchrun  # noqa: E402
+from tiny_gpt2 import CharDataset, tiny_gpt2  # noqa: E402
 
 
 def _trainer(tmp_path, data, batch, accumulation, steps, dropout=0.1, **kwargs):
@@ -43,7 +21,7 @@ def _trainer(tmp_path, data, batch, accumulation, steps, dropout=0.1, **kwargs):
         max_steps=steps, logging_steps=10, report_to=[], save_strategy="no", disable_tqdm=True,
         use_cpu=True, seed=0, dataloader_num_workers=0,
     )  # fmt: skip
-    return SaLSATrainer(model=_gpt2(data.vocab, dropout), args=args, train_dataset=data, **kwargs)
+    return SaLSATrainer(model=tiny_gpt2(data.vocab, dropout), args=args, train_dataset=data, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -98,4 +76,67 @@ def test_schedule_multiplier_follows_the_trainers_schedule(tmp_path, data):
 def test_fp16_is_refused_with_a_way_out(tmp_path, data):
     with pytest.raises((ValueError, RuntimeError), match="fp16|bf16|GPU|gpu"):
         args = transformers.TrainingArguments(output_dir=str(tmp_path), fp16=True, report_to=[], use_cpu=True)
-        SaLSATrainer(model=_gpt2(data.vocab), args=args, train_dataset=data)
+        SaLSATrainer(model=tiny_gpt2(data.vocab), args=args, train_dataset=data)
+
+
+# -- DDP on 2 CPU processes: tests/trainer_ddp_worker.py under torchrun ---------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DDP_DEADLINE_S = 300  # one run takes about 12 s on 2 idle cores
+needs_distributed = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _torchrun_worker(out, *args):
+    """The worker on 2 processes; each rank's results."""
+    out.mkdir(exist_ok=True)
+    # the ranks import this checkout's salsa_fast, as pytest does here, not whichever is installed
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    torchrun(worker.__file__, str(out), *args, nproc=2, cwd=out, timeout=DDP_DEADLINE_S, env=env)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+def _identical(params, others):
+    return params.keys() == others.keys() and all(torch.equal(params[k], others[k]) for k in params)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """The uninterrupted run: its folder (checkpoints in run/) and each rank's results."""
+    out = tmp_path_factory.mktemp("ddp")
+    return out, _torchrun_worker(out)
+
+
+@needs_distributed
+def test_ddp_ranks_take_the_same_decisions_each_on_its_share(ddp_run):
+    _, ranks = ddp_run
+    first, second = ranks
+    assert [rank["timeout"] for rank in ranks] == [worker.TIMEOUT_S] * 2  # the Trainer's collectives have it
+    assert first["package"].startswith(ROOT)  # the code under test
+    assert first["trace"] == second["trace"] and len(first["trace"]) == worker.STEPS
+    last = first["trace"][-1]
+    assert last["steps"] == worker.STEPS and last["searches"] > 0 and last["total_trials"] > 0  # decisions were made
+    assert last["loss_calls"] == worker.ACCUMULATION * last["forwards"]  # every closure call: the whole window
+    assert _identical(first["params"], second["params"])
+    # Each rank trains on its own share: in every epoch, the two ranks together see each sample once.
+    per_epoch = worker.SAMPLES // (2 * worker.BATCH)  # micro-batches per rank and epoch
+    samples = sorted(x.tolist() for x in CharDataset(worker.SAMPLES).items)
+    for epoch in range(worker.STEPS * worker.ACCUMULATION // per_epoch):
+        seen = torch.cat([b for rank in ranks for b in rank["batches"][epoch * per_epoch : (epoch + 1) * per_epoch]])
+        assert sorted(seen.tolist()) == samples
+
+
+@needs_distributed
+def test_ddp_resume_continues_exactly_as_the_uninterrupted_run(ddp_run):
+    """From the mid-epoch checkpoint, dropout on: the same micro-batches, decisions and loss
+    evaluations, and bit-identical parameters (the Trainer restores the data order and each
+    rank's RNG states; SaLSA's state is in the checkpoint's optimizer.pt)."""
+    out, uninterrupted = ddp_run
+    resumed = _torchrun_worker(out / "resumed", "--resume", str(out / "run" / f"checkpoint-{worker.SAVE_STEPS}"))
+    done = worker.SAVE_STEPS * worker.ACCUMULATION  # micro-batches before the checkpoint
+    for whole, rest in zip(uninterrupted, resumed):
+        before = whole["trace"][worker.SAVE_STEPS - 1]["loss_calls"]  # (counted by the first process only)
+        after = whole["trace"][worker.SAVE_STEPS :]
+        assert rest["trace"] == [{**t, "loss_calls": t["loss_calls"] - before} for t in after]
+        assert len(rest["batches"]) == len(whole["batches"]) - done
+        assert all(torch.equal(a, b) for a, b in zip(whole["batches"][done:], rest["batches"]))
+        assert _identical(whole["params"], rest["params"])

@@ -22,6 +22,15 @@ What it changes in ``Trainer``:
 * ``step_size``, ``search_interval``, ``searched_fraction``, ``forwards_per_step`` and
   ``skipped_steps`` join every training log (``log_history``, TensorBoard, W&B, ...).
 
+Under ``torchrun`` (DDP, set up by the Trainer through accelerate) nothing changes: each rank's
+closure computes the loss of its own share of the batch, DDP averages the gradient on the
+window's last backward, and SaLSA all-reduces the numbers it decides on over the default process
+group (:mod:`salsa_fast.distributed`), so every rank takes the same steps and keeps the same
+parameters. ``train(resume_from_checkpoint=...)`` continues as the run would have: SaLSA's state
+is in the checkpoint's ``optimizer.pt``, and the Trainer restores the data order and each rank's
+random streams, from which the closure's dropout seed is drawn (tested bit for bit on 2 CPU
+processes). FSDP and DeepSpeed are untested.
+
 fp32 and bf16 (``bf16=True``) are supported. fp16 (``fp16=True``) is not: accelerate's
 GradScaler would drive the optimizer itself; train fp16 with ``SaLSA(grad_scaler=...)`` in a
 loop of your own instead.
