@@ -12,7 +12,9 @@ ranks compare parameter checksums, and rank 0 saves a checkpoint every rank can 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,7 +32,17 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="salsa_ddp_checkpoint.pt")
     args = parser.parse_args()
 
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", timeout=timedelta(minutes=5))
+    train(args)
+    # Tear down once every rank is done, and after train()'s DDP model is gone (collected: it may
+    # sit in reference cycles): DDP holds the process group, and a group destroyed as the model is
+    # freed at exit can hang gloo.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
@@ -72,8 +84,6 @@ def main() -> None:
         print(f"ranks hold identical parameters: {agree}; closure calls: {optimizer.stats['forwards']}")
         torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict()}, args.checkpoint)
         print(f"checkpoint written to {args.checkpoint} (load it on every rank to resume)")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -70,6 +70,12 @@ def main() -> None:
     args = arguments()
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
+    train(args)
+    dist.barrier()  # (tear down once every rank is done)
+    dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -123,8 +129,6 @@ def main() -> None:
     checksum = sum(p.full_tensor().double().sum().item() for p in model.parameters())  # (gathers every shard)
     if rank == 0:
         print(f"parameter checksum: {checksum!r}; closure calls: {optimizer.stats['forwards']}")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

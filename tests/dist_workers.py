@@ -83,20 +83,28 @@ def train(rank, world, store, out_dir, kind="ddp", name="SaLSA", backend="auto",
     init(rank, world, store)
     if not agreement:
         _disable_agreement()
+    _save(out_dir, rank, _train(rank, world, kind, name, backend, bucket_view))
+    finish()  # (the models are gone: see finish)
+
+
+def _train(rank, world, kind, name, backend, bucket_view) -> dict:
     model, module = wrapped(kind, **({"gradient_as_bucket_view": True} if bucket_view else {}))
     calls: list[int] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = OPTIMIZERS[name](model.parameters(), backend=backend)
         train_shards(model, opt, rank, world, 0, STEPS, calls)
-    _save(out_dir, rank, result(module, opt, calls, sharded=[b.sharded for b in opt._buckets],
-                                warnings=[str(w.message) for w in caught]))  # fmt: skip
-    finish()
+    return result(module, opt, calls, sharded=[b.sharded for b in opt._buckets], warnings=[str(w.message) for w in caught])
 
 
 def checkpoint_rank0_saves(rank, world, store, out_dir):
     """DDP: train half, rank 0 saves ``state_dict()``s, every rank loads into fresh objects, train on."""
     init(rank, world, store)
+    _save(out_dir, rank, _checkpoint_rank0_saves(rank, world, out_dir))
+    finish()
+
+
+def _checkpoint_rank0_saves(rank, world, out_dir) -> dict:
     model, module = wrapped("ddp")
     opt = SaLSA(model.parameters())
     calls: list[int] = []
@@ -112,5 +120,4 @@ def checkpoint_rank0_saves(rank, world, store, out_dir):
     opt = SaLSA(model.parameters())
     opt.load_state_dict(checkpoint["opt"])
     train_shards(model, opt, rank, world, STEPS // 2, STEPS - STEPS // 2, calls)
-    _save(out_dir, rank, result(module, opt, calls))
-    finish()
+    return result(module, opt, calls)

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +39,10 @@ def init(rank: int, world: int, store: str) -> None:
 
 def finish() -> None:
     """Tear down only once every rank is done: a rank that destroys the group while a peer's
-    collective is still in flight makes gloo abort the peer (SIGABRT)."""
+    collective is still in flight makes gloo abort the peer (SIGABRT). Call it with no DDP model
+    left alive: DDP's reducer holds the group, and freeing it at exit destroys the group while
+    holding the GIL a gloo thread waits for (a hang seen once in about ten runs)."""
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -75,11 +80,19 @@ def torchrun(script: str, *args: str, nproc: int = 2, cwd=None, timeout: float =
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script, *args]
 
     def run():
+        # its own session, so a deadline kills the ranks with the launcher (not only the launcher)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
         try:
-            return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
-        except subprocess.TimeoutExpired as e:
-            raise AssertionError(f"{script} did not finish in {timeout} s:\n{diagnosis(str(e.stderr or ''))}") from None
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            raise AssertionError(f"{script} did not finish in {timeout} s:\n{diagnosis(err or '')}") from None
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     done = run()
     if done.returncode != 0 and "Signal 6 (SIGABRT)" in done.stderr:
