@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..flat import FlatBucket
-from . import Hyper, lean
+from . import Hyper, cpu_compiled, lean
 
 name = "torch"
 
@@ -212,6 +212,12 @@ def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> to
     Returns this bucket's unscaled ``sum(g * direction)`` as a 0-dim tensor (state dtype).
     Moments are not touched (see the module docstring).
     """
+    if cpu_compiled.usable(b, h):
+        pp = cpu_compiled.run(cpu_compiled.first_pass, *_compiled_args(b, h, lr_step, decay))
+        if pp is not cpu_compiled.FAILED:
+            b.backup_written()
+            b.scratch["compiled"] = pp  # (the trials recompute the direction)
+            return pp
     b.save_backup()
     g = _in_state_dtype(b, b.grad, "g")
     d = b.scratch["direction"] = _search_direction(b, g, h)
@@ -220,9 +226,23 @@ def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> to
     return pp
 
 
+def _compiled_args(b: FlatBucket, h: Hyper, lr_step: float, decay: float) -> tuple:
+    """The arguments of ``cpu_compiled.first_pass`` and ``trial`` for bucket ``b``."""
+    b.ensure_backup()
+    gs = b.views("grad")
+    ms = b.views("exp_avg") if h.use_mv else gs  # (not read without use_mv)
+    k = cpu_compiled.numbers(b, h, lr_step, decay)
+    return b.tensors(), b.views("backup"), gs, b.views("exp_avg_sq"), ms, k, h.eps, h.use_mv, bool(decay)
+
+
 @torch.no_grad()
 def search_trial(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
     """A further trial: ``p = backup*(1-decay) - lr_step * direction``."""
+    if "compiled" in b.scratch:
+        if cpu_compiled.run(cpu_compiled.trial, *_compiled_args(b, h, lr_step, decay)) is not cpu_compiled.FAILED:
+            return
+        del b.scratch["compiled"]  # (eager from here: the direction, stored this time)
+        b.scratch["direction"] = _search_direction(b, _in_state_dtype(b, b.grad, "g"), h)
     _write_point(b, b.scratch["direction"], lr_step, decay)
 
 
@@ -238,7 +258,9 @@ def search_commit(b: FlatBucket, *, h: Hyper) -> None:
     """The search is over: commit the moments, drop the scratch (``p`` stays where it is).
     Allocates nothing (mixed-dtype in-place ops widen a low-precision gradient on the fly), so
     it cannot fail for want of memory after the search has been decided."""
-    _commit_moments(b, b.grad, h)
+    k = cpu_compiled.numbers(b, h) if cpu_compiled.usable(b, h) else None
+    if k is None or cpu_compiled.run(cpu_compiled.commit, b.grad, b.exp_avg, b.exp_avg_sq, k) is cpu_compiled.FAILED:
+        _commit_moments(b, b.grad, h)
     b.end_search()
 
 
