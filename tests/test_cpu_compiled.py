@@ -62,6 +62,17 @@ def test_the_eager_passes_parameters_to_rounding(compiled, monkeypatch):
     assert max_abs_diff(model, eager) <= 1e-12
 
 
+def test_bf16_parameters_read_and_written_in_bf16_with_fp32_math(compiled, monkeypatch):
+    """(LABPAL warns about bf16 parameters, SaLSA does not: its trials move them by whole ulps.)"""
+    model, run = _run(torch.bfloat16, 20)
+    assert compiled["first_pass"] >= 10
+    monkeypatch.setenv("SALSA_FAST_CPU_COMPILE", "0")
+    eager, eager_run = _run(torch.bfloat16, 20)
+    assert run.calls == eager_run.calls
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert max_abs_diff(model, eager) <= 2**-7  # (a few bf16 ulps of the largest weights)
+
+
 def test_a_closure_that_raises_in_a_trial_leaves_everything_as_it_was(compiled):
     model = mlp(torch.float64)
     opt = SaLSA(model.parameters(), init_step_size=50.0)  # (the first trials fail: the closure is called again)

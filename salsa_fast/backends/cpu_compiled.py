@@ -14,9 +14,9 @@ in C++, vectorised and spread over the cores):
 
 The arithmetic is the eager path's, op for op, in the state dtype; the compiler may round
 differently (fused multiply-adds, the sums' order), so results agree to rounding, not bit for
-bit, and decisions agree as the reference-twin tests require. Used on CPU buckets of at least
-``MIN_ELEMENTS`` parameters in the state dtype (fp32, fp64) with the Adam direction, when a C++
-compiler is present; if compiling fails the torch backend warns once and stays eager.
+bit, and decisions agree as the reference-twin tests require. bf16/fp16 parameters are read
+and written in their dtype, with the math in fp32. Used on CPU buckets of at least
+``MIN_ELEMENTS`` parameters with the Adam direction, when a C++ compiler is present; if compiling fails the torch backend warns once and stays eager.
 ``SALSA_FAST_CPU_COMPILE=0`` turns it off, ``=1`` uses it at every size (for tests).
 """
 
@@ -38,7 +38,7 @@ def usable(b, h) -> bool:
     setting = os.environ.get("SALSA_FAST_CPU_COMPILE", "auto")
     if setting == "0" or _state["failed"] or b.device.type != "cpu" or h.direction != "adam":
         return False
-    if b.dtype != b.state_dtype or not (setting == "1" or b.numel >= MIN_ELEMENTS):
+    if not (setting == "1" or b.numel >= MIN_ELEMENTS):
         return False
     if "compiler" not in _state:
         _state["compiler"] = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
@@ -78,7 +78,9 @@ def numbers(b, h, lr_step: float = 0.0, decay: float = 0.0) -> torch.Tensor:
 
 
 def _direction(g, v, m, k, eps: float, use_mv: bool):
-    """Adam's direction from the step's would-be moments, as ``torch_ops._search_direction``."""
+    """Adam's direction from the step's would-be moments, as ``torch_ops._search_direction``
+    (a bf16/fp16 gradient widened to the state dtype first)."""
+    g = g.to(k.dtype)
     denom = torch.sqrt((v * k[4] + k[5] * g * g) / k[7]) + eps
     if use_mv:
         return ((m * k[2] + k[3] * g) / k[6]) / denom
@@ -86,7 +88,9 @@ def _direction(g, v, m, k, eps: float, use_mv: bool):
 
 
 def _point(origin, d, k, decay: bool):
-    """``origin * (1 - decay) - lr_step * d``, as ``torch_ops._write_point``."""
+    """``origin * (1 - decay) - lr_step * d`` in the state dtype, as ``torch_ops._write_point``
+    (rounded once, on the way into a bf16/fp16 parameter)."""
+    origin = origin.to(k.dtype)
     return (origin * k[1] if decay else origin) + k[0] * d
 
 
@@ -97,7 +101,7 @@ def first_pass(ps, backups, gs, vs, ms, k, eps: float, use_mv: bool, decay: bool
         d = _direction(g, v, m, k, eps, use_mv)
         backup.copy_(p)
         p.copy_(_point(backup, d, k, decay))
-        sums.append((g * d).sum())
+        sums.append((g.to(k.dtype) * d).sum())
     return torch.stack(sums).sum()
 
 
@@ -108,5 +112,6 @@ def trial(ps, backups, gs, vs, ms, k, eps: float, use_mv: bool, decay: bool):
 
 def commit(g, m, v, k):
     """The moments, as ``torch_ops._commit_moments``."""
+    g = g.to(k.dtype)
     m.copy_(m * k[2] + k[3] * g)
     v.copy_(v * k[4] + k[5] * g * g)
