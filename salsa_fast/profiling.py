@@ -38,6 +38,9 @@ def live_storages(device_type: str = "cpu") -> dict[int, int]:
     found = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and obj.device.type == device_type:
-            storage = obj.untyped_storage()
-            found[storage.data_ptr()] = storage.nbytes()
+            try:
+                storage = obj.untyped_storage()
+                found[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # no memory of its own: a FakeTensor torch.compile keeps, a wrapper subclass
+                continue
     return found
