@@ -15,6 +15,9 @@ closure that raises during a trial) exactly undoable: restore ``p`` from the bac
 (:meth:`FlatBucket.abort_search`), drop the scratch, and no state has changed. The commit recomputes the moments from the gradient buffer
 with the same ops, so they equal the ones the direction was built from.
 
+On CPU, large buckets run the search's passes as compiled loops instead
+(:mod:`salsa_fast.backends.cpu_compiled`): the same arithmetic, each buffer moved once.
+
 Non-search Adam steps use torch's fused AdamW kernel over the parameter list (one pass, 28
 B/param for fp32; bf16/fp16 parameters go through an fp32 copy); the step's device-side non-finite flag
 (``Hyper.state.flag``, raised by :func:`probe`) makes it skip a non-finite step without a host
@@ -256,8 +259,9 @@ def search_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyp
 @torch.no_grad()
 def search_commit(b: FlatBucket, *, h: Hyper) -> None:
     """The search is over: commit the moments, drop the scratch (``p`` stays where it is).
-    Allocates nothing (mixed-dtype in-place ops widen a low-precision gradient on the fly), so
-    it cannot fail for want of memory after the search has been decided."""
+    The eager ops allocate nothing (mixed-dtype in-place ops widen a low-precision gradient on
+    the fly), so they cannot fail for want of memory after the search has been decided; the
+    compiled loop needs a few scalars, and falls back to them if it cannot be compiled."""
     k = cpu_compiled.numbers(b, h) if cpu_compiled.usable(b, h) else None
     if k is None or cpu_compiled.run(cpu_compiled.commit, b.grad, b.exp_avg, b.exp_avg_sq, k) is cpu_compiled.FAILED:
         _commit_moments(b, b.grad, h)
