@@ -328,11 +328,12 @@ class FlatOptimizer(Optimizer):
         of DTensor parameters (FSDP2) are copies, as DTensors laid out like the parameters,
         which the distributed checkpoint can reshard."""
         self._fold_pending_skips()
+        entry = self._scalars_entry()  # (its values immutable: a shallow copy per group is its own)
         for group in self.param_groups:  # (also the live groups': see _unflatten_optim_state_dict)
-            group[self.entry] = self._scalars_entry()
+            group[self.entry] = dict(entry)
         sd = super().state_dict()
         for group in sd["param_groups"]:
-            group[self.entry] = self._scalars_entry()  # (its own copy: a loader may fill it in place)
+            group[self.entry] = dict(entry)  # (its own copy: a loader may fill it in place)
         # DTensors over copies: torch.save cannot write a DTensor whose local tensor is a view at
         # an offset (its pickling takes the wrapper for a plain tensor and reads a null storage)
         params = [p for g in self.param_groups for p in g["params"]]

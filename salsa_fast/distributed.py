@@ -45,12 +45,7 @@ def is_sharded(p: torch.Tensor) -> bool:
 def agree_on_search(group, loss: torch.Tensor, pp_full: torch.Tensor, pp_sharded: torch.Tensor) -> torch.Tensor:
     """``[mean loss, mean full-parameter norm + summed sharded norm]``, identical on all ranks
     (fp64, one all-reduce). Single process: ``[loss, pp_full + pp_sharded]``."""
-    if group is None:
-        return torch.stack([loss, pp_full + pp_sharded])
-    world = dist.get_world_size(group)
-    numbers = torch.stack([loss / world, pp_full / world + pp_sharded])
-    dist.all_reduce(numbers, op=dist.ReduceOp.SUM, group=group)
-    return numbers
+    return agree_on_sums(group, torch.stack([loss, pp_full]), torch.stack([torch.zeros_like(loss), pp_sharded]))
 
 
 def agree_on_loss(group, loss: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,27 @@ OPTIMIZERS = {
 }
 
 
+# How far the ranks' parameters may be from one process's: the README's "max |dp| 1.6e-7 after
+# 40 steps" (float32; the same decisions, so only the gradients' summation order differs: the
+# batch's loss averaged over two halves, then DDP's or FSDP's mean of the two gradients) is under
+# 3 float32 ulps of the largest parameters (|p| < 0.63, ulp 6e-8); allow 4. (The Triton kernels
+# round differently from torch's ops: they are compared with a one-process Triton run, 2.1e-7.)
+ONE_PROCESS_ATOL = 4 * 2**-24
+
+
+def max_diff(params, model) -> float:
+    return max((p - q.detach()).abs().max().item() for p, q in zip(params, model.parameters()))
+
+
+def assert_ranks_agree(results) -> None:
+    """Every rank's result (see :func:`result`) took the first rank's decisions, bit for bit."""
+    first = results[0]
+    for other in results[1:]:
+        assert other["calls"] == first["calls"]
+        assert all(torch.equal(p, q) for p, q in zip(first["params"], other["params"]))
+        assert other["stats"] == first["stats"]
+
+
 def train_shards(model, opt, rank: int, world: int, start: int, steps: int, calls: list[int]) -> None:
     """Train on this rank's contiguous share of each full batch (equal shares)."""
     plan = batches(len(digits()[0]), STEPS, BATCH, seed=1)[start : start + steps]

@@ -15,12 +15,12 @@ import dist_workers
 import pytest
 import torch
 import torch.distributed as dist
+from dist_workers import ONE_PROCESS_ATOL, assert_ranks_agree, max_diff
 from helpers import mlp, train
 from multiprocess import spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2
-ONE_PROCESS_ATOL = 4 * 2**-24  # as in test_distributed: the ranks' gradients are summed in another order
 NAMES = tuple(dist_workers.OPTIMIZERS)
 ONE_PROCESS_SAVES = ("dcp", "dcp-flat", "per-rank", "per-rank-previous")  # (no rank 0 to gather to)
 
@@ -63,24 +63,17 @@ def fsdp(tmp_path_factory):
     return _spawned(tmp_path_factory, "fsdp")
 
 
-def _assert_ranks_agree(ranks, key):
-    first = ranks[0][key]
-    for other in ranks[1:]:
-        assert other[key]["calls"] == first["calls"] and other[key]["stats"] == first["stats"]
-        assert all(torch.equal(p, q) for p, q in zip(other[key]["params"], first["params"]))
-
-
 @pytest.mark.parametrize("how", dcp_workers.SAVES)
 @pytest.mark.parametrize("name", NAMES)
 def test_ddp(ddp, name, how):
-    _assert_ranks_agree(ddp, (name, how))
+    assert_ranks_agree([r[name, how] for r in ddp])
     _assert_resumed_exactly(ddp[0], name, how)
 
 
 @pytest.mark.parametrize("how", dcp_workers.SAVES)
 @pytest.mark.parametrize("name", NAMES)
 def test_fsdp2(fsdp, name, how):
-    _assert_ranks_agree(fsdp, (name, how))
+    assert_ranks_agree([r[name, how] for r in fsdp])
     _assert_resumed_exactly(fsdp[0], name, how)
 
 
@@ -96,5 +89,5 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_in_one_process(fsdp, name):
     run = train(model, opt, dist_workers.STEPS - dcp_workers.HALF, start=dcp_workers.HALF, batch=dist_workers.BATCH)
     done_before = straight["calls"][dcp_workers.HALF - 1]
     assert [done_before + c for c in run.calls] == straight["calls"][dcp_workers.HALF :]
-    assert max((p - q.detach()).abs().max().item() for p, q in zip(straight["params"], model.parameters())) <= ONE_PROCESS_ATOL
+    assert max_diff(straight["params"], model) <= ONE_PROCESS_ATOL
     assert opt.stats == pytest.approx(straight["stats"], rel=1e-6)  # (the counters exactly; step sizes to rounding)

@@ -10,17 +10,12 @@ import dist_workers
 import pytest
 import torch
 import torch.distributed as dist
+from dist_workers import ONE_PROCESS_ATOL, assert_ranks_agree, max_diff
 from helpers import mlp, train
 from multiprocess import spawn, torchrun
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2
-# How far the ranks' parameters may be from one process's: the README's "max |dp| 1.6e-7 after
-# 40 steps" (float32; the same decisions, so only the gradients' summation order differs: the
-# batch's loss averaged over two halves, then DDP's or FSDP's mean of the two gradients) is under
-# 3 float32 ulps of the largest parameters (|p| < 0.63, ulp 6e-8); allow 4. (The Triton kernels
-# round differently from torch's ops: they are compared with a one-process Triton run, 2.1e-7.)
-ONE_PROCESS_ATOL = 4 * 2**-24
 
 
 def _launch(fn, tmp_path, *args):
@@ -35,22 +30,10 @@ def _single_process(name="SaLSA", backend="auto"):
     return model, train(model, opt, dist_workers.STEPS, batch=dist_workers.BATCH)
 
 
-def _max_diff(params, model):
-    return max((p - q.detach()).abs().max().item() for p, q in zip(params, model.parameters()))
-
-
-def _assert_ranks_agree(results):
-    first = results[0]
-    for other in results[1:]:
-        assert other["calls"] == first["calls"]
-        assert all(torch.equal(p, q) for p, q in zip(first["params"], other["params"]))
-        assert other["stats"] == first["stats"]
-
-
 def _assert_equals_one_process(result, name="SaLSA", backend="auto"):
     model, run = _single_process(name, backend)
     assert result["calls"] == run.calls
-    assert _max_diff(result["params"], model) <= ONE_PROCESS_ATOL
+    assert max_diff(result["params"], model) <= ONE_PROCESS_ATOL
     decisions = result["stats"]["searches"] if name == "SaLSA" else result["stats"]["measurements"]
     assert decisions >= 4  # the decisions were really exercised
 
@@ -60,7 +43,7 @@ def test_ddp_ranks_take_identical_decisions_equal_to_one_process(tmp_path, backe
     if backend == "triton":
         pytest.importorskip("triton")
     results = _launch(dist_workers.train, tmp_path, "ddp", "SaLSA", backend)
-    _assert_ranks_agree(results)
+    assert_ranks_agree(results)
     _assert_equals_one_process(results[0], backend=backend)
 
 
@@ -78,7 +61,7 @@ def test_ddp_gradient_as_bucket_view(tmp_path):
     """DDP's gradients as views of its buckets: SaLSA copies them into its own buffer each step
     (warned about once, on each rank) and takes exactly the decisions of the default setting."""
     viewed = _launch(dist_workers.train, tmp_path, "ddp", "SaLSA", "auto", True, True)
-    _assert_ranks_agree(viewed)
+    assert_ranks_agree(viewed)
     default = _launch(dist_workers.train, tmp_path, "ddp")
     assert viewed[0]["calls"] == default[0]["calls"] and viewed[0]["stats"] == default[0]["stats"]
     assert all(torch.equal(p, q) for p, q in zip(viewed[0]["params"], default[0]["params"]))
@@ -90,13 +73,13 @@ def test_ddp_gradient_as_bucket_view(tmp_path):
 
 def test_labpal_ddp_ranks_take_identical_decisions_equal_to_one_process(tmp_path):
     results = _launch(dist_workers.train, tmp_path, "ddp", "LABPAL")
-    _assert_ranks_agree(results)
+    assert_ranks_agree(results)
     _assert_equals_one_process(results[0], "LABPAL")
 
 
 def test_ddp_checkpoint_rank0_saves_all_load(tmp_path):
     resumed = _launch(dist_workers.checkpoint_rank0_saves, tmp_path)
-    _assert_ranks_agree(resumed)
+    assert_ranks_agree(resumed)
     uninterrupted = _launch(dist_workers.train, tmp_path, "ddp")
     assert resumed[0]["calls"] == uninterrupted[0]["calls"]
     assert all(torch.equal(p, q) for p, q in zip(resumed[0]["params"], uninterrupted[0]["params"]))
@@ -107,7 +90,7 @@ def test_fsdp2_sharded_parameters(tmp_path, name):
     pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 is not available")
     results = _launch(dist_workers.train, tmp_path, "fsdp", name)
     assert all(results[0]["sharded"])
-    _assert_ranks_agree(results)
+    assert_ranks_agree(results)
     _assert_equals_one_process(results[0], name)
 
 

@@ -16,8 +16,9 @@ The arithmetic is the eager path's, op for op, in the state dtype; the compiler 
 differently (fused multiply-adds, the sums' order), so results agree to rounding, not bit for
 bit, and decisions agree as the reference-twin tests require. bf16/fp16 parameters are read
 and written in their dtype, with the math in fp32. Used on CPU buckets of at least
-``MIN_ELEMENTS`` parameters with the Adam direction, when a C++ compiler is present; if compiling fails the torch backend warns once and stays eager.
-``SALSA_FAST_CPU_COMPILE=0`` turns it off, ``=1`` uses it at every size (for tests).
+``MIN_ELEMENTS`` parameters with the Adam direction, when a C++ compiler is present; if
+compiling fails the torch backend warns once and stays eager. ``SALSA_FAST_CPU_COMPILE=0``
+turns it off, ``=1`` uses it at every size (for tests).
 """
 
 from __future__ import annotations
