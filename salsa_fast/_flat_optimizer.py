@@ -4,19 +4,19 @@ buckets beside them (:mod:`salsa_fast.flat`), and everything around the algorith
 :class:`FlatOptimizer` does the argument and param-group checks, (re)packs the buckets when the
 groups or the parameters change, notices what changed behind the optimizer's back (a frozen
 parameter, ``model.to(...)``, ``p.data = ...``), zeroes gradients, keeps registered modules'
-buffers out of the extra forward passes, and saves and loads ``state_dict`` all-or-nothing.
-An algorithm subclasses it, declares its scalars (a dataclass whose fields carry their own
-checks, see :mod:`salsa_fast.checks`), its per-parameter state buffers (:meth:`_state_buffers`) and what
-it rebuilds after a repack (:meth:`_on_repack`), and writes its ``step``.
+buffers out of the extra forward passes, makes copies that step (``copy.deepcopy``, pickle),
+and saves and loads ``state_dict`` all-or-nothing (:mod:`salsa_fast._state_dict`). An
+algorithm subclasses it, declares its scalars (a dataclass whose fields carry their own checks,
+see :mod:`salsa_fast.checks`), its per-parameter state buffers (:meth:`_state_buffers`), what it
+rebuilds after a repack (:meth:`_on_repack`) and what a copy rebuilds (:meth:`_transient`), and
+writes its ``step``.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, fields
 from typing import Any, ClassVar
 
 import torch
@@ -24,9 +24,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import backends
-from .checks import SaLSAWarning, check, checked_scalars, is_real
-from .closure import call_closure, check_closure
-from .distributed import as_dtensor_like, local_part
+from .checks import check, is_real, warn
+from .closure import call_closure, check_closure, draw_seed
+from ._state_dict import StateDictMixin
+from ._state_dict import plain as _plain
 from .flat import FlatBucket, ShardBucket
 
 __all__ = ["FlatOptimizer"]
@@ -37,7 +38,7 @@ _requires_grad = operator.attrgetter("requires_grad")
 # -- the shell -------------------------------------------------------------------------------------
 
 
-class FlatOptimizer(Optimizer):
+class FlatOptimizer(StateDictMixin, Optimizer):
     """A ``torch.optim.Optimizer`` over flat buckets; see the module docstring.
 
     Subclasses set the class attributes below, call ``super().__init__(params, defaults)``
@@ -60,16 +61,50 @@ class FlatOptimizer(Optimizer):
         check(isinstance(keep_backup, bool), "keep_backup", keep_backup, "must be a bool")
         self.backend_name = backend
         self.keep_backup = keep_backup
-        self._ready = False  # False until the first pack: add_param_group then only checks
         self._warned: set[str] = set()
         self._preserved: list[nn.Module] = []
-        self._in_search = False  # the line search is re-evaluating the closure
-        self._in_closure = False  # a closure called by step() is running
-        self._shared: dict[str, Any] = {}  # the shared group values last seen (_follow_shared)
+        self.__dict__.update(self._transient())
         super().__init__(params, defaults)
 
+    def _transient(self) -> dict[str, Any]:
+        """The attributes a copy rebuilds instead of copying (see :meth:`__getstate__`), with
+        the values they start from; the buckets and what comes with them are made by the pack."""
+        return {
+            "_ready": False,  # False until the first pack: add_param_group then only checks
+            "_in_search": False,  # the line search is re-evaluating the closure
+            "_in_closure": False,  # a closure called by step() is running
+            "_shared": {},  # the shared group values last seen (_follow_shared)
+            "_buckets": [],
+            "_all_params": [],
+            "_requires_grad": [],
+            "_cuda_devices": [],
+            "_host_checks": True,
+            "_backend": None,
+        }
+
+    # -- copies: copy.deepcopy, pickle, torch.save(optimizer) ------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but what a copy rebuilds: the arguments, the run's scalars, ``state`` and
+        ``param_groups`` (torch keeps only the last two and ``defaults``, and drops the hooks, as
+        here). The copy packs its own buckets around its own parameters and steps exactly as
+        this optimizer would."""
+        self._fold_pending_skips()
+        rebuilt = self._transient().keys()
+        return {k: v for k, v in self.__dict__.items() if k not in rebuilt and not k.startswith("_optimizer_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        defaults = dict(state["defaults"])
+        super().__setstate__(state)  # torch's: empty hooks, the step patched for them
+        self.defaults = defaults  # (torch's adds a "differentiable" default, which is not ours)
+        self.__dict__.update(self._transient())
+        self._pack()
+        self._on_copy()
+
+    def _on_copy(self) -> None:
+        """A copy was just packed (see :meth:`__setstate__`)."""
+
     def _pack(self) -> None:
-        """The end of a subclass's ``__init__``: build the buckets."""
+        """The end of a subclass's ``__init__`` (and of a copy's unpickling): build the buckets."""
         self._repack()
         self._follow_shared()
         for group in self.param_groups:
@@ -90,10 +125,11 @@ class FlatOptimizer(Optimizer):
         elif params is not None and not isinstance(params, set):  # (torch rejects sets itself)
             params = list(params)
         if isinstance(params, list):
-            if len(set(map(id, params))) != len(params):
+            tensors = [_tensor_of(p) for p in params]  # (named parameters: ("name", tensor))
+            if len(set(map(id, tensors))) != len(tensors):
                 # torch only warns; packed twice, one of its two regions would go stale
                 raise ValueError("a param group lists the same parameter twice")
-            for p in params:
+            for p in tensors:
                 if isinstance(p, torch.Tensor):
                     if p.is_sparse or p.layout != torch.strided:
                         raise RuntimeError(f"{self.name} does not support sparse parameters")
@@ -171,8 +207,7 @@ class FlatOptimizer(Optimizer):
                     by_key.setdefault((kind, p.device, p.dtype), []).append(p)
             for (kind, _, _), plist in by_key.items():
                 buckets.append(kind(plist, gi, keep_second_moment=self.keep_second_moment, lean=not self.keep_backup))
-        if not buckets:
-            raise ValueError(f"{self.name} got no parameters that require grad")
+        # (none at all is fine: every parameter frozen for now, step() only calls the closure)
 
         # the state entries are views made at the last repack, with the layout the parameters had
         # then: they read each element right even after a parameter changed its strides
@@ -188,8 +223,11 @@ class FlatOptimizer(Optimizer):
                             entry[key].copy_(old)
                     self.state[p] = entry
         in_groups = {p for g in self.param_groups for p in g["params"]}
-        parked = {p: {k: t.detach().clone() for k, t in e.items()} for p, e in old_state.items() if p in in_groups}
-        self.state.update(parked)
+        for key, entry in old_state.items():
+            if not isinstance(key, torch.Tensor):  # not a parameter's (torch passes such keys through)
+                self.state[key] = entry
+            elif key in in_groups:  # parked
+                self.state[key] = {k: t.detach().clone() for k, t in entry.items()}
 
         self._buckets = buckets
         self._all_params = [p for g in self.param_groups for p in g["params"]]
@@ -211,13 +249,22 @@ class FlatOptimizer(Optimizer):
                     return
                 b.rebind()  # p.data = ... (same shape, device, dtype): read it where it is now
 
-    def _begin_step(self, closure) -> None:
-        """What every ``step`` starts with: the closure's contract, and the layout repaired."""
+    def _begin_step(self, closure) -> bool:
+        """What every ``step`` starts with: the closure's contract, and the layout repaired.
+        Returns whether some parameter trains (else see :meth:`_idle_step`)."""
         check_closure(closure)
         if self._in_closure:
             raise RuntimeError(f"{self.name}.step() was called from inside its own closure")
         self._check_layout()
         self._follow_shared()
+        return bool(self._buckets)
+
+    def _idle_step(self, closure):
+        """A step with every parameter frozen (for now): the closure is called once for its loss,
+        without backward (there is nothing to differentiate), and nothing else changes."""
+        out, _ = self._call(closure, draw_seed(), backwards=False)
+        self._scalars.forwards += 1
+        return out
 
     def _call(self, closure, seed: int, backwards: bool):
         """Call the closure (see :func:`salsa_fast.closure.call_closure`): ``(its output, the
@@ -316,131 +363,9 @@ class FlatOptimizer(Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, SaLSAWarning, stacklevel=3)
-
-    # -- state_dict ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Torch's layout: per-index state and param groups, every group also holding the
-        algorithm's entry with every scalar of the run (the same in each group: torch's
-        distributed checkpoint keeps only ``state`` and ``param_groups``, and its flattened form
-        only what each parameter's group holds). Tensors in ``state`` are live views of the
-        optimizer's buffers, as with torch's own optimizers (``torch.save`` copies them); those
-        of DTensor parameters (FSDP2) are copies, as DTensors laid out like the parameters,
-        which the distributed checkpoint can reshard."""
-        self._fold_pending_skips()
-        entry = self._scalars_entry()  # (its values immutable: a shallow copy per group is its own)
-        for group in self.param_groups:  # (also the live groups': see _unflatten_optim_state_dict)
-            group[self.entry] = dict(entry)
-        sd = super().state_dict()
-        for group in sd["param_groups"]:
-            group[self.entry] = dict(entry)  # (its own copy: a loader may fill it in place)
-        # DTensors over copies: torch.save cannot write a DTensor whose local tensor is a view at
-        # an offset (its pickling takes the wrapper for a plain tensor and reads a null storage)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, entry in list(sd["state"].items()):
-            if hasattr(params[i], "device_mesh"):
-                sd["state"][i] = {key: as_dtensor_like(params[i], v.clone()) for key, v in entry.items()}
-        return sd
-
-    @torch._disable_dynamo
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`: resuming continues exactly as if never stopped.
-
-        Everything is checked before anything changes (a bad checkpoint leaves the optimizer as
-        it was). Tensors may come from another device (a GPU checkpoint loads on CPU) and are
-        cast to the optimizer's state dtype.
-        """
-        state_dict = dict(state_dict)
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        for key in ("state", "param_groups"):
-            if key not in state_dict:
-                raise ValueError(f"not a {self.name} state_dict: it has no {key!r} entry")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        for g, sg in zip(self.param_groups, saved_groups):
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
-            self._check_group_values(sg, "the state_dict's param group")
-        scalars = checked_scalars(self.Scalars, self._saved_scalars(state_dict), self.entry)
-
-        index_of = {p: i for g, sg in zip(self.param_groups, saved_groups) for p, i in zip(g["params"], sg["params"])}
-        copies = []  # (our tensor, saved tensor or None for zeros): all checked before any is made
-        for p, entry in self.state.items():
-            saved = state_dict["state"].get(index_of[p])
-            for key, target in entry.items():
-                if saved is None:  # no state saved for it (e.g. it was frozen then)
-                    copies.append((target, None))
-                    continue
-                value = saved.get(key)
-                if value is None:
-                    raise ValueError(f"the state of parameter {index_of[p]} has no {key!r}{self._missing_state_hint(key)}")
-                value = local_part(p, value, f"state {key!r} of parameter {index_of[p]}")
-                if not isinstance(value, torch.Tensor) or value.shape != target.shape:
-                    raise ValueError(
-                        f"state {key!r} of parameter {index_of[p]} has shape "
-                        f"{tuple(getattr(value, 'shape', ()))}, expected {tuple(target.shape)}"
-                    )
-                copies.append((target, value))
-        with torch.no_grad():
-            for target, value in copies:
-                target.zero_() if value is None else target.copy_(value)
-        for g, sg in zip(self.param_groups, saved_groups):
-            g.update({k: v for k, v in sg.items() if k not in ("params", "param_names", self.entry)})
-        self._scalars = scalars
-        for g in self.param_groups:
-            g[self.entry] = self._scalars_entry()
-        self._shared.clear()
-        self._follow_shared()
-        self._on_load()
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
-
-    def _scalars_entry(self) -> dict[str, Any]:
-        """The run's scalars as a group holds them: numbers, flags, and lists written as text
-        (``"0.25,0.5"``). Loading a full state dict, torch takes a list apart into its elements,
-        drops an empty one and lays the rest over the loading optimizer's own list (a longer one
-        would keep its tail): text comes through every way of saving whole."""
-        return {k: ",".join(map(repr, v)) if isinstance(v, list) else v for k, v in asdict(self._scalars).items()}
-
-    def _saved_scalars(self, state_dict: dict[str, Any]) -> Any:
-        """The run's scalars in a state_dict: in every param group, alike (else at its top level,
-        where checkpoints written before they moved into the groups hold them), lists read back."""
-        in_groups = [sg.get(self.entry) for sg in state_dict["param_groups"]]
-        if all(s is None for s in in_groups):
-            if self.entry not in state_dict:
-                raise ValueError(f"not a {self.name} state_dict: neither its param groups nor itself hold a {self.entry!r} entry")
-            return state_dict[self.entry]
-        if any(_plain_scalars(s) != _plain_scalars(in_groups[0]) for s in in_groups):
-            raise ValueError(f"the state_dict's param groups hold different {self.entry!r} entries: they must be alike")
-        saved = in_groups[0]
-        if not isinstance(saved, dict):
-            return saved  # (checked_scalars names it)
-        lists = {f.name for f in fields(self.Scalars) if f.default_factory is list}
-        return {k: _list_from_text(v, f"{self.entry!r} entry has {k}") if k in lists and isinstance(v, str) else v
-                for k, v in saved.items()}  # fmt: skip
-
-    def _missing_state_hint(self, key: str) -> str:
-        return ""
-
-    def _on_load(self) -> None:
-        """Rebuild what depends on the loaded scalars."""
+            warn(message)
 
 
-def _plain(value: Any) -> Any:
-    """Lists as tuples (a checkpoint may turn a group's tuple into a list)."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _list_from_text(text: str, what: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x]
-    except ValueError:
-        raise ValueError(f"the state_dict's {what}={text!r}: must be numbers separated by commas") from None
-
-
-def _plain_scalars(saved: Any) -> Any:
-    return {k: _plain(v) for k, v in saved.items()} if isinstance(saved, dict) else saved
+def _tensor_of(param: Any) -> Any:
+    """The tensor of a named parameter ``("name", tensor)``; anything else as it is."""
+    return param[1] if isinstance(param, tuple) and len(param) == 2 else param

@@ -58,3 +58,12 @@ def search_interval(step_size_slow: float, step_size_fast: float, max_interval: 
     if rate < 1:
         rate = 1 / rate
     return min(max_interval, 1 / ((rate - 1) + 1e-8))
+
+
+def split_lr(lrs: list[float]) -> tuple[float, list[float]]:
+    """The groups' ``lr`` as ``(scale, relative)``: the largest, and each over it (all 1 when
+    every ``lr`` is 0). The search steps and weighs each group by its relative multiplier; the
+    update is ``lr`` times the step size found. So a factor common to every group (a scheduler's)
+    scales the update and leaves the search, and the step size it finds, as without it."""
+    scale = max(lrs)
+    return scale, [lr / scale if scale > 0 else 1.0 for lr in lrs]

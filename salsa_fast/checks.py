@@ -5,15 +5,32 @@ of the scalars a checkpoint holds, each a dataclass field that carries its own c
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from dataclasses import field, fields
 from typing import Any, Callable
 
-__all__ = ["SaLSAWarning", "check", "is_real", "is_int", "positive", "count", "finite", "optional_positive", "flag",
+import torch
+
+__all__ = ["SaLSAWarning", "warn", "check", "is_real", "is_int", "positive", "count", "finite", "optional_positive", "flag",
            "positives", "checked_scalars"]  # fmt: skip
 
 
 class SaLSAWarning(UserWarning):
     """Warnings from salsa_fast's optimizers about the run (skipped steps, slow paths, assumptions)."""
+
+
+_INSIDE = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def warn(message: str) -> None:
+    """A :class:`SaLSAWarning` that names the line of the caller's own code (the first frame
+    outside this package and torch: e.g. the training loop's ``optimizer.step(closure)``)."""
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, SaLSAWarning, stacklevel=level)
 
 
 # -- argument checks -------------------------------------------------------------------------------

@@ -16,20 +16,20 @@ algorithm; the tests hold this class to it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import backends
 from ._flat_optimizer import FlatOptimizer
-from .checks import SaLSAWarning, check, count, finite, is_int, is_real
+from .checks import SaLSAWarning, check, is_int, is_real
 from .amp import ScalerLink
-from .armijo import FAST, MIN_LOSS, SLOW, backtrack, search_interval
+from .armijo import FAST, MIN_LOSS, SLOW, backtrack, search_interval, split_lr
 from .closure import draw_seed
 from .distributed import agree_on_flag, agree_on_loss, agree_on_search, resolve_group
 from .flat import FlatBucket
 from .profiling import annotate
+from .salsa_scalars import Found, Scalars, Step, StepInfo, Writes
 from .step_state import DeviceSteps
 
 __all__ = ["SaLSA", "StepInfo", "SaLSAWarning"]
@@ -41,41 +41,14 @@ _GLOBAL_KEYS = frozenset(
 )
 _WARMUP_SEARCHES = 10  # steps 1..9 always search
 
-
 _NONFINITE = (
     "non-finite loss or gradient: SaLSA skipped this step (parameters and state unchanged); "
     "`optimizer.stats['skipped_steps']` counts such steps (on CUDA, as of the next search)"
 )
-
-
-@dataclass
-class _Scalars:
-    """Every global scalar of the algorithm and the run's counters (all host numbers), each with
-    the check a checkpoint's value must pass."""
-
-    step_size: float = finite(1.0, 0.0, strict=True)  # eta: the step size the last search accepted
-    step: int = count()  # k: steps taken (skipped steps excluded)
-    decrease_avg: float = finite(0.0)  # h: smoothed loss decrease
-    norm_avg: float = finite(0.0, 0.0)  # s: smoothed preconditioned gradient norm
-    step_size_slow: float = finite(1e-8, 0.0, strict=True)
-    step_size_fast: float = finite(1e-8, 0.0, strict=True)
-    since_search: int = count(100)
-    forwards: int = count()  # closure calls
-    backwards: int = count()  # closure calls with backwards=True
-    searches: int = count()
-    trials: int = count()
-    skipped: int = count()  # non-finite steps skipped
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What the last ``step()`` did (``SaLSA.last_step``)."""
-
-    searched: bool = False  # it ran a line search
-    trials: int = 0  # closure calls without backward in this step
-    accepted: bool = False  # a trial met the criterion (False on non-search steps)
-    skipped: bool = False  # non-finite loss/gradient: nothing was changed
-    step_size: float = float("nan")  # the step size after this step
+_NEGATIVE = (
+    "the loss is negative: SaLSA's Armijo criterion assumes a loss bounded below (e.g. >= 0); "
+    "the search goes on, but the step size may grow without bound"
+)
 
 
 class SaLSA(FlatOptimizer):
@@ -88,8 +61,11 @@ class SaLSA(FlatOptimizer):
 
     Args:
         params: parameters or param-group dicts. Per group, ``lr`` (default 1.0) multiplies the
-            found step size (so LR schedulers compose with the search) and ``weight_decay``
-            overrides the default.
+            found step size in that group's updates, and ``weight_decay`` overrides the default.
+            The search steps each group by its ``lr`` relative to the largest one and weighs its
+            share of the criterion's norm by it, so a factor common to every group (an LR
+            scheduler's warm-up or decay) scales the updates and leaves the search, and the step
+            size it finds, as they would be without it.
         init_step_size: the first step size tried (grown by ``growth`` before every step).
         c: the sufficient-decrease constant of the Armijo criterion.
         momentum: ``(beta1, beta2, beta3)``: Adam's betas and the smoothing of the criterion;
@@ -122,7 +98,7 @@ class SaLSA(FlatOptimizer):
 
     name = "SaLSA"
     entry = "salsa"
-    Scalars = _Scalars
+    Scalars = Scalars
     global_keys = _GLOBAL_KEYS
     per_group_hint = (
         "SaLSA finds one step size for all groups, so only 'lr' (a multiplier on the step size) and "
@@ -183,16 +159,22 @@ class SaLSA(FlatOptimizer):
         self.max_backtracks = max_backtracks
         self.max_interval = float(max_interval)
         self.process_group = process_group
-        self._scalars = _Scalars(step_size=self.init_step_size)
+        self.grad_scaler = grad_scaler
+        self._scalars = Scalars(step_size=self.init_step_size)
+        self._last = StepInfo(step_size=self.init_step_size)
         defaults = dict(lr=1.0, weight_decay=float(weight_decay), betas=(beta1, beta2))
         super().__init__(params, defaults, backend=backend, keep_backup=keep_backup)
-        self._last = StepInfo(step_size=self.init_step_size)
-        # The per-step numbers the kernels read on each device (salsa_fast.step_state); on CUDA
-        # the count of skipped non-search steps waits there for the next search's one sync.
-        self._steps: DeviceSteps | None = None
-        self._unread_skips = False  # a non-search step ran since the host last read that count
-        self._scaler = ScalerLink(grad_scaler, self) if grad_scaler is not None else None
         self._pack()
+
+    def _transient(self) -> dict[str, Any]:
+        return {
+            **super()._transient(),
+            "_steps": None,  # the numbers a step keeps on each device (salsa_fast.step_state)
+            "_unread_skips": False,  # a non-search step ran since the host last read that count
+            "_scaler": ScalerLink(self.grad_scaler, self) if self.grad_scaler is not None else None,
+            "_hypers": [],
+            "_counts_skip": [],
+        }
 
     # -- parameter groups and flat buffers (the shell is salsa_fast._flat_optimizer) ---------------
 
@@ -220,9 +202,7 @@ class SaLSA(FlatOptimizer):
         devices = dict.fromkeys(b.device for b in buckets)
         self._steps = DeviceSteps(devices, *self.betas[:2], old=self._steps)
         self._make_hypers()
-        first_of_device = {}
-        for b in buckets:
-            first_of_device.setdefault(b.device, b)
+        first_of_device = {b.device: b for b in reversed(buckets)}
         self._counts_skip = [first_of_device[b.device] is b for b in buckets]  # once per device
 
     def _make_hypers(self) -> None:
@@ -265,6 +245,7 @@ class SaLSA(FlatOptimizer):
         s = self._scalars
         return {
             "step_size": s.step_size,
+            "effective_step_size": self._last.lr_scale * s.step_size,
             "search_interval": self.search_interval,
             "searched": float(self._last.searched),
             "trials": float(self._last.trials),
@@ -300,9 +281,14 @@ class SaLSA(FlatOptimizer):
 
     # -- the step ----------------------------------------------------------------------------------
 
+    @torch._disable_dynamo
     def step(self, closure=None):  # type: ignore[override]
-        """One SaLSA step; returns the loss of the gradient pass (what the closure returned)."""
-        self._begin_step(closure)
+        """One SaLSA step; returns the loss of the gradient pass (what the closure returned).
+
+        Under ``torch.compile`` the step is one graph break: it runs eagerly, and so do the
+        closure calls it makes (compile the model to compile every forward pass, trials too)."""
+        if not self._begin_step(closure):
+            return self._idle_step(closure)
         seed = draw_seed()
         out, loss = self._first_call(closure, seed)
         scaling = self._scaler is not None and self._scaler.enabled
@@ -310,47 +296,50 @@ class SaLSA(FlatOptimizer):
 
         s = self._scalars
         k = s.step + 1  # (on CUDA: plus the skips the device made that the host has not read)
-        since = s.since_search + 1
         # Adam's bias corrections count one ahead of the steps, as the published package does;
         # each device subtracts the skips it has not reported (see salsa_fast.step_state)
         self._steps.begin(float(max(1, k + 1)))
-        eta = s.step_size
-        # per bucket: its group's step-size multiplier and weight-decay factor (old step size)
-        groups = self.param_groups
-        lrs = [float(groups[b.group_index]["lr"]) for b in self._buckets]
-        decays = [lr * float(groups[b.group_index]["weight_decay"]) * eta for b, lr in zip(self._buckets, lrs)]
-
+        lrs = [float(g["lr"]) for g in self.param_groups]
+        lr_scale, relative = split_lr(lrs)
+        st = Step(out, loss, seed, k, self._writes(lrs), self._writes(relative), lr_scale, grads_bad)
         try:
-            if not self._searches(k, since):
+            if not self._searches(k, s.since_search + 1):
                 with annotate("salsa.plain_step"):
-                    result = self._plain_step(out, loss, k, since, lrs, decays, grads_bad)
+                    result = self._plain_step(st)
             else:
                 with annotate("salsa.search"):
-                    result = self._search_step(closure, seed, out, loss, k, lrs, decays, grads_bad)
+                    result = self._search_step(closure, st)
         finally:
             self._steps.end()
         if scaling:
             self._scaler.update()
         return result
 
+    def _writes(self, multipliers: list[float]) -> Writes:
+        """Each bucket's multiplier of the step size, from its group's entry in ``multipliers``,
+        and its weight-decay factor (with the step size before this step)."""
+        groups, eta = self.param_groups, self._scalars.step_size
+        lrs = [multipliers[b.group_index] for b in self._buckets]
+        return Writes(lrs, [lr * float(groups[b.group_index]["weight_decay"]) * eta for b, lr in zip(self._buckets, lrs)])
+
     def _searches(self, k: int, since: int) -> bool:
         """Whether step ``k``, ``since`` steps after the last search, runs a line search."""
         return not self.speed_up or k < _WARMUP_SEARCHES or since >= self.search_interval
 
-    def _plain_step(self, out, loss, k, since, lrs, decays, grads_bad):
+    def _plain_step(self, st: Step):
         backend, s = self._backend, self._scalars
-        self._raise_flags(loss, grads_bad)
+        self._raise_flags(st.loss, st.grads_bad)
         eta_try = s.step_size * self.growth
-        for b, h, lr, decay, counts in zip(self._buckets, self._hypers, lrs, decays, self._counts_skip):
+        for b, h, lr, decay, counts in zip(self._buckets, self._hypers, *st.update, self._counts_skip):
             backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, count_skip=counts)
-        s.step, s.since_search = k, since
+        s.step, s.since_search = st.k, s.since_search + 1
         s.forwards += 1
         s.backwards += 1
-        self._finish(StepInfo(searched=False, step_size=s.step_size))
+        self._finish(StepInfo(searched=False, step_size=s.step_size, lr_scale=st.lr_scale))
         self._unread_skips = True
         if self._host_checks:  # CPU: reading the count is free, so the host knows at once
             self._count_device_skips(int(self._steps.read_skipped()), just_now=True)
-        return out
+        return st.out
 
     def _raise_flags(self, loss, grads_bad) -> None:
         """Flag a non-finite loss or gradient on every device, without a sync (see
@@ -363,102 +352,114 @@ class SaLSA(FlatOptimizer):
 
         self._steps.raise_flag(loss, grads_bad, probe, lambda flag: agree_on_flag(group, flag))
 
-    def _write_points(self, write, eta, lrs, decays) -> None:
-        """Write every bucket's parameters with one backend pass (a trial or fallback point)."""
-        for b, h, lr, decay in zip(self._buckets, self._hypers, lrs, decays):
-            write(b, lr_step=lr * eta, decay=decay, h=h)
-
-    def _search_step(self, closure, seed, out, loss, k, lrs, decays, grads_bad):
-        backend, s = self._backend, self._scalars
-        group = resolve_group(self.process_group)
-        beta3 = self.betas[2]
-        buckets = self._buckets
-        eta_try = s.step_size * self.growth
-        forwards = 1
-        trials = 0
-        accepted = False
-        demoted = False
-        decrease_avg = s.decrease_avg
+    def _search_step(self, closure, st: Step):
+        """A step that searches: the first pass and its one sync, then (unless the device skipped
+        steps that make this one not due to search, or the loss or gradient is not finite) the
+        search, the commit of the moments, the bookkeeping. Anything raising undoes the step."""
+        s = self._scalars
         with self._replaying() as replay:
             try:
-                dev = buckets[0].device
-                pp_full = torch.zeros((), dtype=torch.float64, device=dev)  # norm of whole parameters
-                pp_sharded = torch.zeros((), dtype=torch.float64, device=dev)  # of this rank's shards
-                for b, h, lr, decay in zip(buckets, self._hypers, lrs, decays):
-                    if self.keep_backup:  # back up p, write the first trial point, sum(g * d)
-                        pp_b = backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h)
-                    else:  # only sum(g * d): the parameters move once the search is decided
-                        pp_b = backend.lean_norm(b, h=h)
-                    pp_b = lr * pp_b.to(dev, torch.float64)
-                    if b.sharded:
-                        pp_sharded = pp_sharded + pp_b
-                    else:
-                        pp_full = pp_full + pp_b
-                agreed = agree_on_search(group, loss.to(dev, torch.float64), pp_full, pp_sharded)
-                skipped = self._steps.read_skipped().to(dev).reshape(1)
-                loss_v, pp_v, skipped_v = torch.cat([agreed, skipped]).tolist()  # the one sync of the search
-                self._count_device_skips(int(skipped_v))
-                if skipped_v:  # the device skipped steps since the last search: now the host knows
-                    k -= int(skipped_v)
-                    demoted = not self._searches(k, s.since_search + 1)
-                if demoted:  # without those steps, this one is not due to search: undo, and step
+                loss_v, pp_v, skipped = self._first_pass(st)
+                k = st.k - skipped
+                # the device skipped steps the host counted: without them, is this step still due?
+                demoted = skipped and not self._searches(k, s.since_search + 1)
+                finite = math.isfinite(loss_v) and math.isfinite(pp_v)
+                if demoted or not finite:
                     self._abort()
-                elif not (math.isfinite(loss_v) and math.isfinite(pp_v)):
-                    self._abort()
-                    return self._skip(out, warn=self._scaler is None or not self._scaler.enabled)
                 else:
-                    norm_avg = beta3 * s.norm_avg + (1 - beta3) * pp_v
-                    if abs(loss_v) >= MIN_LOSS and norm_avg >= MIN_LOSS:
-                        if loss_v < 0:
-                            self._warn_once(
-                                "negative",
-                                "the loss is negative: SaLSA's Armijo criterion assumes a loss bounded below "
-                                "(e.g. >= 0); the search goes on, but the step size may grow without bound",
-                            )
-                        trial_point = backend.search_trial if self.keep_backup else backend.lean_trial
-                        if not self.keep_backup:
-                            self._write_points(trial_point, eta_try, lrs, decays)
-
-                        def trial_loss() -> float:
-                            _, value = replay(closure, seed)
-                            if group is not None:
-                                value = agree_on_loss(group, value.to(dev, torch.float64))
-                            return float(value)  # one sync per trial
-
-                        eta_try, accepted, trials, decrease_avg = backtrack(
-                            trial_loss, lambda eta: self._write_points(trial_point, eta, lrs, decays),
-                            loss=loss_v, eta=eta_try, norm_avg=norm_avg, decrease_avg=s.decrease_avg, beta3=beta3,
-                            c=self.c, decrease=self.decrease, max_backtracks=self.max_backtracks,
-                        )  # fmt: skip
-                    else:
-                        # Loss or norm too small for the criterion: step along the momentum direction.
-                        momentum_point = (
-                            backend.search_momentum_point if self.keep_backup else backend.lean_momentum_point
-                        )
-                        self._write_points(momentum_point, eta_try, lrs, decays)
-                        replay(closure, seed)
-                        forwards += 1
+                    found = self._search(closure, replay, st, loss_v, pp_v)
                     # The moments last: a commit that fails leaves the step undone, as every other
                     # failure does (with several buckets, only those not yet committed go back).
-                    for b, h in zip(buckets, self._hypers):
-                        backend.search_commit(b, h=h)
+                    for b, h in zip(self._buckets, self._hypers):
+                        self._backend.search_commit(b, h=h)
             except BaseException:
                 self._abort()
                 raise
         if demoted:
-            return self._plain_step(out, loss, k, s.since_search + 1, lrs, decays, grads_bad)
+            return self._plain_step(st._replace(k=k))
+        if not finite:
+            return self._skip(st.out, warn=self._scaler is None or not self._scaler.enabled)
+        self._book_search(k, found, st.lr_scale)
+        return st.out
 
+    def _first_pass(self, st: Step) -> tuple[float, float, int]:
+        """Every bucket's first pass, then the search's one sync: the loss and the norm
+        ``sum(g * d)`` (each group's share times its search multiplier), agreed over the ranks,
+        and the count of skips the device made that the host had not read (now counted)."""
+        dev = self._buckets[0].device
+        eta_try = self._scalars.step_size * self.growth
+        sums = {sharded: torch.zeros((), dtype=torch.float64, device=dev) for sharded in (False, True)}
+        for b, h, lr, decay in zip(self._buckets, self._hypers, *st.search):
+            if self.keep_backup:  # back up p, write the first trial point, sum(g * d)
+                pp = self._backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h)
+            else:  # only sum(g * d): the parameters move once the search is decided
+                pp = self._backend.lean_norm(b, h=h)
+            sums[b.sharded] = sums[b.sharded] + lr * pp.to(dev, torch.float64)  # (shards: summed over ranks)
+        agreed = agree_on_search(resolve_group(self.process_group), st.loss.to(dev, torch.float64), sums[False], sums[True])
+        skipped = self._steps.read_skipped().to(dev).reshape(1)
+        loss_v, pp_v, skipped_v = torch.cat([agreed, skipped]).tolist()  # the one sync of the search
+        self._count_device_skips(int(skipped_v))
+        return loss_v, pp_v, int(skipped_v)
+
+    def _search(self, closure, replay, st: Step, loss_v: float, pp_v: float) -> Found:
+        """Backtrack along the search direction (or, where the loss or the norm is too small for
+        the criterion, take the point along the momentum direction); leave the parameters at the
+        update: the point found, with every group's full ``lr``."""
+        s, beta3 = self._scalars, self.betas[2]
+        eta_try = s.step_size * self.growth
+        norm_avg = beta3 * s.norm_avg + (1 - beta3) * pp_v
+        if abs(loss_v) < MIN_LOSS or norm_avg < MIN_LOSS:  # no criterion: the momentum direction
+            self._write_points(self._pass("momentum_point"), eta_try, st.update)
+            replay(closure, st.seed)
+            return Found(eta_try, False, 0, 2, norm_avg, s.decrease_avg)
+        if loss_v < 0:
+            self._warn_once("negative", _NEGATIVE)
+        trial, at = self._pass("trial"), [eta_try]
+
+        def write(eta: float) -> None:
+            at[0] = eta
+            self._write_points(trial, eta, st.search)
+
+        if not self.keep_backup:
+            write(eta_try)  # (with a backup, the first pass wrote it)
+        eta, accepted, trials, decrease_avg = backtrack(
+            lambda: self._trial_loss(replay, closure, st.seed), write, loss=loss_v, eta=eta_try, norm_avg=norm_avg,
+            decrease_avg=s.decrease_avg, beta3=beta3, c=self.c, decrease=self.decrease, max_backtracks=self.max_backtracks,
+        )  # fmt: skip
+        if st.update != st.search:  # a factor common to every group's lr: it scales the update
+            self._write_points(trial, at[0], st.update)
+        return Found(eta, accepted, trials, 1 + trials, norm_avg, decrease_avg)
+
+    def _pass(self, name: str):
+        """The backend's pass that writes a point: ``"trial"`` or ``"momentum_point"``, from the
+        backup or moving the parameters (``keep_backup=False``)."""
+        return getattr(self._backend, ("search_" if self.keep_backup else "lean_") + name)
+
+    def _write_points(self, write, eta: float, writes: Writes) -> None:
+        """Write every bucket's parameters with one backend pass (a trial or the update)."""
+        for b, h, lr, decay in zip(self._buckets, self._hypers, *writes):
+            write(b, lr_step=lr * eta, decay=decay, h=h)
+
+    def _trial_loss(self, replay, closure, seed: int) -> float:
+        """The loss at the point written last, agreed over the ranks: one sync per trial."""
+        _, value = replay(closure, seed)
+        group = resolve_group(self.process_group)
+        if group is not None:
+            value = agree_on_loss(group, value.to(self._buckets[0].device, torch.float64))
+        return float(value)
+
+    def _book_search(self, k: int, found: Found, lr_scale: float) -> None:
+        s = self._scalars
         s.step, s.since_search = k, 0
-        s.norm_avg, s.decrease_avg = norm_avg, decrease_avg
-        s.step_size = eta_try
-        s.step_size_slow = s.step_size_slow * SLOW + eta_try * (1 - SLOW)
-        s.step_size_fast = s.step_size_fast * FAST + eta_try * (1 - FAST)
-        s.forwards += forwards + trials
+        s.norm_avg, s.decrease_avg = found.norm_avg, found.decrease_avg
+        s.step_size = found.eta
+        s.step_size_slow = s.step_size_slow * SLOW + found.eta * (1 - SLOW)
+        s.step_size_fast = s.step_size_fast * FAST + found.eta * (1 - FAST)
+        s.forwards += found.forwards
         s.backwards += 1
         s.searches += 1
-        s.trials += trials
-        self._finish(StepInfo(searched=True, trials=trials, accepted=accepted, step_size=eta_try))
-        return out
+        s.trials += found.trials
+        self._finish(StepInfo(True, found.trials, found.accepted, False, found.eta, lr_scale))
 
     def _abort(self) -> None:
         """Back to the step's starting point, the moments untouched (every bucket, even if one

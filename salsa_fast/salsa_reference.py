@@ -8,8 +8,9 @@ Same arguments, defaults, closure contract and random seeding as :class:`salsa_f
 (``backend``, ``process_group`` and ``grad_scaler`` do not apply). Same conventions:
 
 * a parameter whose ``.grad`` is None gets a zero gradient (its moments still decay);
-* the group ``lr`` multiplies the step size in that group's updates, its weight decay and its
-  share of the preconditioned norm;
+* the group ``lr`` multiplies the step size in that group's updates and its weight decay; the
+  search's trial points and the criterion's norm use each ``lr`` relative to the largest one
+  (all 1 when every ``lr`` is 0), so a factor common to all groups scales the update only;
 * moments are fp32 (fp64 for fp64 parameters) and low-precision parameters are updated in fp32;
 * a non-finite gradient-pass loss or gradient skips the step, changing nothing.
 """
@@ -110,8 +111,13 @@ class SaLSAReference(Optimizer):
         corr1 = 1 - self.beta1 ** max(1, self.k + 1)
         corr2 = 1 - self.beta2 ** max(1, self.k + 1)
 
-        # Weight decay with the old step size, then the Adam moments and directions.
-        points = []  # each parameter's decayed value, in the state dtype
+        # Each group's multiplier: lr in the update; in the search, lr over the largest lr.
+        lr_scale = max(group["lr"] for group in self.param_groups)
+        update_lr = [group["lr"] for group in groups]
+        search_lr = [group["lr"] / lr_scale if lr_scale > 0 else 1.0 for group in groups]
+
+        # The Adam moments and directions; the parameters' values, in the state dtype.
+        starts = []
         search_dirs, momentum_dirs = [], []
         for p, g, group in zip(params, grads, groups):
             state = self.state[p]
@@ -130,13 +136,13 @@ class SaLSAReference(Optimizer):
                 precond = 1.0
             momentum_dirs.append(m_hat * precond)
             search_dirs.append(m_hat * precond if self.use_mv else g * precond)
-            decay = group["lr"] * group["weight_decay"] * eta
-            points.append(p.detach().to(g.dtype) * (1 - decay))
+            starts.append(p.detach().to(g.dtype, copy=True))
 
-        def move_to(eta_, dirs):
+        def move_to(eta_, dirs, lrs=update_lr):
+            """Weight decay with the old step size, then a step of eta_ along dirs."""
             with torch.no_grad():
-                for p, p0, d, group in zip(params, points, dirs, groups):
-                    p.copy_(p0 - group["lr"] * eta_ * d)
+                for p, p0, d, lr, group in zip(params, starts, dirs, lrs, groups):
+                    p.copy_(p0 * (1 - lr * group["weight_decay"] * eta) - lr * eta_ * d)
 
         searched = not self.speed_up or self.k < 10 or self.since_search >= interval
         trials = 0
@@ -144,14 +150,12 @@ class SaLSAReference(Optimizer):
             move_to(eta_try, momentum_dirs)
         else:
             self.since_search = 0
-            pp = sum(
-                group["lr"] * float((g * d).sum(dtype=torch.float64))
-                for g, d, group in zip(grads, search_dirs, groups)
-            )
+            pp = sum(lr * float((g * d).sum(dtype=torch.float64)) for g, d, lr in zip(grads, search_dirs, search_lr))
             self.s = self.beta3 * self.s + (1 - self.beta3) * pp
             if abs(loss) >= 1e-8 and self.s >= 1e-8:
                 while True:
-                    move_to(eta_try, search_dirs)
+                    move_to(eta_try, search_dirs, search_lr)
+                    eta_at = eta_try
                     trial_loss = float(run(backwards=False)[1])
                     trials += 1
                     if math.isfinite(trial_loss):
@@ -164,6 +168,8 @@ class SaLSAReference(Optimizer):
                     eta_try *= self.decrease
                     if trials == self.max_backtracks:
                         break
+                if search_lr != update_lr:  # the update: the point found, with the full lr
+                    move_to(eta_at, search_dirs)
             else:
                 move_to(eta_try, momentum_dirs)
                 run(backwards=False)

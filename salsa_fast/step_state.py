@@ -96,7 +96,7 @@ class DeviceSteps:
     def __init__(self, devices, beta1: float, beta2: float, old: DeviceSteps | None = None) -> None:
         kept = old.states if old is not None else {}
         self.states = {d: kept.get(d) or StepState(d, beta1, beta2) for d in devices}
-        self.first = next(iter(self.states.values()))
+        self.first = next(iter(self.states.values()), None)  # (None: no parameter trains for now)
         self.set_betas(beta1, beta2)
 
     def set_betas(self, beta1: float, beta2: float) -> None:

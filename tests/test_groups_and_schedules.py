@@ -83,6 +83,42 @@ def test_warmup_cosine_schedule_composes_with_the_search():
     assert oa.step_size == pytest.approx(ob.step_size, rel=1e-9)
 
 
+def _first_step(factor, keep_backup=True, groups=True):
+    """One step of SaLSA on a float64 digits MLP with every group's lr multiplied by ``factor``
+    (a LambdaLR): ``(step size, each parameter's move, stats)``."""
+    model = mlp(torch.float64)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = SaLSA(_groups(model) if groups else model.parameters(), keep_backup=keep_backup)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factor)
+    train(model, opt, 1, dtype=torch.float64)
+    return opt.step_size, [p.detach() - q for p, q in zip(model.parameters(), start)], opt.stats, model
+
+
+@pytest.mark.parametrize("keep_backup", [True, False])
+def test_a_factor_common_to_every_group_scales_the_update_and_not_the_step_size(keep_backup):
+    """A scheduler's factor on two groups (lr 1 and 0.3, weight decay on the second): the search
+    finds the step size it finds without it, with the same trials, and the parameters move 0.1
+    times as far. (Before, the factor entered the trials and the criterion, and the search found
+    ``lr * step_size`` again: the update came out 1.16x, not 0.1x, the unscheduled one.)"""
+    eta, moves, stats, model = _first_step(1.0, keep_backup)
+    eta_s, moves_s, stats_s, _ = _first_step(0.1, keep_backup)
+    assert eta_s == eta and stats_s["trials"] == stats["trials"] >= 2
+    assert stats_s["effective_step_size"] == 0.1 * eta
+    # Each point rounds once per op to the parameters' scale (a few ops per write; without a
+    # backup a few writes: the trials, back to p0, out to the update): 16 ulps of max |p|.
+    for m, m_s, p in zip(moves, moves_s, model.parameters()):
+        torch.testing.assert_close(m_s, 0.1 * m, rtol=0, atol=16 * 2**-52 * p.abs().max().item())
+
+
+def test_every_lr_zero_moves_nothing_and_searches_as_with_lr_one():
+    """Warm-up from 0: the step's update is zero, the moments move and the search finds the step
+    size of an unscheduled run (with all lr 0 the search weighs every group alike)."""
+    eta, _, _, _ = _first_step(1.0, groups=False)
+    eta_0, moves_0, stats_0, _ = _first_step(0.0, groups=False)
+    assert eta_0 == eta and stats_0["effective_step_size"] == 0.0
+    assert all(torch.count_nonzero(m) == 0 for m in moves_0)
+
+
 def test_diagnostics():
     model = mlp()
     opt = SaLSA(model.parameters())
@@ -94,8 +130,9 @@ def test_diagnostics():
     assert info.step_size == opt.step_size == opt.param_groups[0]["step_size"]
     stats = opt.stats
     assert stats["forwards"] == 1 + info.trials and stats["backwards"] == 1 and stats["searches"] == 1
-    assert set(stats) == {"step_size", "search_interval", "searched", "trials", "steps", "forwards",
-                          "backwards", "searches", "total_trials", "skipped_steps"}  # fmt: skip
+    assert set(stats) == {"step_size", "effective_step_size", "search_interval", "searched", "trials", "steps",
+                          "forwards", "backwards", "searches", "total_trials", "skipped_steps"}  # fmt: skip
+    assert stats["effective_step_size"] == stats["step_size"]  # (lr 1)
     train(model, opt, 60, start=1)
     assert 0 < opt.search_interval <= 10
     assert opt.stats["searches"] < 61  # not every step searched

@@ -75,7 +75,7 @@ def test_trains_counts_steps_and_logs_the_step_size(tmp_path):
     logged = [r for r in rows if r.get("step_size")]
     assert len(logged) >= 7
     assert all(float(r["step_size"]) > 0 for r in logged)
-    assert {"search_interval", "searched_fraction", "forwards_per_step", "train_loss"} <= set(rows[0])
+    assert {"effective_step_size", "search_interval", "searched_fraction", "forwards_per_step", "train_loss"} <= set(rows[0])
     assert _full_loss(model) < initial / 2
 
 
@@ -105,7 +105,10 @@ def test_warmup_cosine_schedule_scales_the_step_size_multiplier(tmp_path):
     trainer, _ = _fit(model, tmp_path, steps=60)
     group = trainer.optimizers[0].param_groups[0]
     assert group["lr"] < 0.01  # cosine ran down to ~0 over the 60 steps
-    assert trainer.optimizers[0].step_size > 0
+    salsa = trainer.optimizers[0]
+    assert salsa.step_size > 0
+    # the last step's updates were its lr times the step size found (which the schedule leaves)
+    assert salsa.stats["effective_step_size"] == salsa.last_step.lr_scale * salsa.step_size < 0.01 * salsa.step_size
 
 
 def test_bf16_mixed_precision(tmp_path):

@@ -40,7 +40,7 @@ def test_trains_a_tiny_gpt2_and_logs_the_step_size(tmp_path, data, accumulation)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 6
     assert all("step_size" in entry and entry["step_size"] > 0 for entry in logs)
-    assert {"search_interval", "searched_fraction", "forwards_per_step"} <= set(logs[0])
+    assert {"effective_step_size", "search_interval", "searched_fraction", "forwards_per_step"} <= set(logs[0])
     assert logs[-1]["loss"] < 0.7 * initial
     assert trainer.salsa.stats["steps"] == 60  # one SaLSA step per optimizer step
     assert trainer.state.global_step == 60
@@ -69,8 +69,11 @@ def test_schedule_multiplier_follows_the_trainers_schedule(tmp_path, data):
     trainer.args.lr_scheduler_type = "cosine"
     trainer.args.warmup_steps = 5
     trainer.train()
-    lrs = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    logs = [entry for entry in trainer.state.log_history if "learning_rate" in entry]
+    lrs = [entry["learning_rate"] for entry in logs]
     assert lrs[0] <= 1.0 and lrs[-1] < lrs[0]  # cosine decay of the multiplier on the step size
+    # the updates shrink with it; the step size the search finds does not (it is not undone)
+    assert logs[-1]["effective_step_size"] < logs[-1]["step_size"]
 
 
 def test_fp16_is_refused_with_a_way_out(tmp_path, data):

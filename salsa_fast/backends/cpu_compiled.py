@@ -26,7 +26,6 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
-import warnings
 
 import torch
 
@@ -66,10 +65,10 @@ def run(fn, *args):
         return compiled(*args)
     except Exception as e:  # a compiler or Inductor failure: before the loop ran, nothing written
         _state["failed"] = True
-        from ..checks import SaLSAWarning
+        from ..checks import warn
 
-        warnings.warn(f"salsa_fast: compiling the CPU search passes failed ({type(e).__name__}: {e}); "
-                      "using the eager torch ops from now on", SaLSAWarning, stacklevel=4)  # fmt: skip
+        warn(f"salsa_fast: compiling the CPU search passes failed ({type(e).__name__}: {e}); "
+             "using the eager torch ops from now on")
         return FAILED
 
 

@@ -15,15 +15,16 @@ FIRST, MOVE, RESTORE = 0, 1, 2  # p = p*(1-decay) - s*d;  p = p - s*d;  p = (p +
 
 
 def goto(move, b, *, momentum: bool, lr_step: float, decay: float, h) -> None:
-    """Move the bucket's parameters to ``p0 * (1 - decay) - lr_step * d``."""
+    """Move the bucket's parameters to ``p0 * (1 - decay) - lr_step * d``: one move along the
+    line they are on, or, to another line (direction or decay), back to ``p0`` and out again."""
     at = b.lean_at
+    if at is not None and (at[0] != momentum or at[2] != decay):
+        move(b, mode=RESTORE, momentum=at[0], s=at[1], decay=at[2], h=h)
+        b.lean_at = at = None
     if at is None:
         move(b, mode=FIRST, momentum=momentum, s=lr_step, decay=decay, h=h)
     else:
-        was_momentum, lr_old, decay_old = at
-        if was_momentum != momentum or decay_old != decay:
-            raise RuntimeError("a search without a backup moves along one direction with one decay")
-        move(b, mode=MOVE, momentum=momentum, s=lr_step - lr_old, decay=0.0, h=h)
+        move(b, mode=MOVE, momentum=momentum, s=lr_step - at[1], decay=0.0, h=h)
     b.lean_at = (momentum, lr_step, decay)
 
 

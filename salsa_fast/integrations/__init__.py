@@ -6,11 +6,13 @@
 
 
 def log_values(optimizer) -> dict[str, float]:
-    """What the integrations log after a step: the step size and the search statistics."""
+    """What the integrations log after a step: the step size (and the length of the updates, a
+    schedule's ``lr`` times it) and the search statistics."""
     stats = optimizer.stats
     steps = max(1, stats["steps"])
     return {
         "step_size": stats["step_size"],
+        "effective_step_size": stats["effective_step_size"],
         "search_interval": stats["search_interval"],
         "searched_fraction": stats["searches"] / steps,
         "forwards_per_step": stats["forwards"] / max(1, stats["steps"] + stats["skipped_steps"]),

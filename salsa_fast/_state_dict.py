@@ -1,0 +1,153 @@
+"""``state_dict`` and ``load_state_dict`` of the flat-buffer shell (:class:`salsa_fast._flat_optimizer.FlatOptimizer`):
+torch's per-index layout, the run's scalars in every param group, and a load that checks
+everything before it changes anything."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from typing import Any
+
+import torch
+
+from .checks import checked_scalars
+from .distributed import as_dtensor_like, local_part
+
+__all__ = ["StateDictMixin", "plain"]
+
+
+class StateDictMixin:
+    """Saving and loading for :class:`~salsa_fast._flat_optimizer.FlatOptimizer` (which sets the
+    names used here: ``name``, ``entry``, ``Scalars``, ``_scalars`` and the group checks)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's layout: per-index state and param groups, every group also holding the
+        algorithm's entry with every scalar of the run (the same in each group: torch's
+        distributed checkpoint keeps only ``state`` and ``param_groups``, and its flattened form
+        only what each parameter's group holds). Tensors in ``state`` are live views of the
+        optimizer's buffers, as with torch's own optimizers (``torch.save`` copies them); those
+        of DTensor parameters (FSDP2) are copies, as DTensors laid out like the parameters,
+        which the distributed checkpoint can reshard."""
+        self._fold_pending_skips()
+        entry = self._scalars_entry()  # (its values immutable: a shallow copy per group is its own)
+        for group in self.param_groups:  # (also the live groups': see _unflatten_optim_state_dict)
+            group[self.entry] = dict(entry)
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            group[self.entry] = dict(entry)  # (its own copy: a loader may fill it in place)
+        # DTensors over copies: torch.save cannot write a DTensor whose local tensor is a view at
+        # an offset (its pickling takes the wrapper for a plain tensor and reads a null storage)
+        for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
+            entry = sd["state"].get(i)
+            if entry is not None and hasattr(p, "device_mesh"):
+                sd["state"][i] = {key: as_dtensor_like(p, v.clone()) for key, v in entry.items()}
+        return sd
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`: resuming continues exactly as if never stopped.
+
+        Everything is checked before anything changes (a bad checkpoint leaves the optimizer as
+        it was). Tensors may come from another device (a GPU checkpoint loads on CPU) and are
+        cast to the optimizer's state dtype.
+        """
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"not a {self.name} state_dict: it has no {key!r} entry")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for g, sg in zip(self.param_groups, saved_groups):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+            self._check_group_values(sg, "the state_dict's param group")
+        scalars = checked_scalars(self.Scalars, self._saved_scalars(state_dict), self.entry)
+
+        index_of = {p: i for g, sg in zip(self.param_groups, saved_groups) for p, i in zip(g["params"], sg["params"])}
+        saved_indices = set(index_of.values())
+        copies = []  # (our tensor, saved tensor or None for zeros): all checked before any is made
+        for p, entry in self.state.items():
+            if not isinstance(p, torch.Tensor):
+                continue  # not a parameter's: replaced by the checkpoint's own below
+            saved = state_dict["state"].get(index_of[p])
+            for key, target in entry.items():
+                if saved is None:  # no state saved for it (e.g. it was frozen then)
+                    copies.append((target, None))
+                    continue
+                value = saved.get(key)
+                if value is None:
+                    raise ValueError(f"the state of parameter {index_of[p]} has no {key!r}{self._missing_state_hint(key)}")
+                value = local_part(p, value, f"state {key!r} of parameter {index_of[p]}")
+                if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+                    raise ValueError(
+                        f"state {key!r} of parameter {index_of[p]} has shape "
+                        f"{tuple(getattr(value, 'shape', ()))}, expected {tuple(target.shape)}"
+                    )
+                copies.append((target, value))
+        with torch.no_grad():
+            for target, value in copies:
+                target.zero_() if value is None else target.copy_(value)
+        # state under other keys than the parameters' passes through, as torch's does
+        for key in [k for k in self.state if not isinstance(k, torch.Tensor)]:
+            del self.state[key]
+        self.state.update({k: v for k, v in state_dict["state"].items() if k not in saved_indices})
+        for g, sg in zip(self.param_groups, saved_groups):  # (saved param_names replace ours, as torch's)
+            g.update({k: v for k, v in sg.items() if k not in ("params", self.entry)})
+        self._scalars = scalars
+        for g in self.param_groups:
+            g[self.entry] = self._scalars_entry()
+        self._shared.clear()
+        self._follow_shared()
+        self._on_load()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _scalars_entry(self) -> dict[str, Any]:
+        """The run's scalars as a group holds them: numbers, flags, and lists written as text
+        (``"0.25,0.5"``). Loading a full state dict, torch takes a list apart into its elements,
+        drops an empty one and lays the rest over the loading optimizer's own list (a longer one
+        would keep its tail): text comes through every way of saving whole."""
+        return {k: ",".join(map(repr, v)) if isinstance(v, list) else v for k, v in asdict(self._scalars).items()}
+
+    def _saved_scalars(self, state_dict: dict[str, Any]) -> Any:
+        """The run's scalars in a state_dict: in every param group, alike (else at its top level,
+        where checkpoints written before they moved into the groups hold them), lists read back."""
+        in_groups = [sg.get(self.entry) for sg in state_dict["param_groups"]]
+        if all(s is None for s in in_groups):
+            if self.entry not in state_dict:
+                raise ValueError(f"not a {self.name} state_dict: neither its param groups nor itself hold a {self.entry!r} entry")
+            return state_dict[self.entry]
+        if any(_plain_scalars(s) != _plain_scalars(in_groups[0]) for s in in_groups):
+            raise ValueError(f"the state_dict's param groups hold different {self.entry!r} entries: they must be alike")
+        saved = in_groups[0]
+        if not isinstance(saved, dict):
+            return saved  # (checked_scalars names it)
+        lists = {f.name for f in fields(self.Scalars) if f.default_factory is list}
+        return {k: _list_from_text(v, f"{self.entry!r} entry has {k}") if k in lists and isinstance(v, str) else v
+                for k, v in saved.items()}  # fmt: skip
+
+    def _missing_state_hint(self, key: str) -> str:
+        return ""
+
+    def _on_load(self) -> None:
+        """Rebuild what depends on the loaded scalars."""
+
+
+def plain(value: Any) -> Any:
+    """Lists as tuples (a checkpoint may turn a group's tuple into a list)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _list_from_text(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"the state_dict's {what}={text!r}: must be numbers separated by commas") from None
+
+
+def _plain_scalars(saved: Any) -> Any:
+    return {k: plain(v) for k, v in saved.items()} if isinstance(saved, dict) else saved
