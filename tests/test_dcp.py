@@ -15,8 +15,8 @@ import dist_workers
 import pytest
 import torch
 import torch.distributed as dist
-from dist_workers import ONE_PROCESS_ATOL, assert_ranks_agree, max_diff
-from helpers import mlp, train
+from dist_workers import OneProcess, assert_equals_one_process, assert_ranks_agree
+from helpers import mlp
 from multiprocess import spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -80,14 +80,15 @@ def test_fsdp2(fsdp, name, how):
 @pytest.mark.parametrize("name", NAMES)
 def test_fsdp2_checkpoint_of_two_ranks_resumes_in_one_process(fsdp, name):
     """DCP reshards: the state FSDP2 saved as two ranks' shards loads into one unsharded model;
-    trained on from there on whole batches, it takes the decisions of the two ranks' run."""
+    trained on from there in one process on the whole batches (each rank's share computed as the
+    ranks compute it: ``dist_workers.OneProcess``), it ends as the two ranks' run, bit for bit."""
     straight = fsdp[0][name, "uninterrupted"]
     path = fsdp[0][name, "dcp"]["path"]
     model = mlp(seed=123)
     opt = dist_workers.OPTIMIZERS[name](model.parameters())
     dcp_workers.load("dcp", model, opt, path)
-    run = train(model, opt, dist_workers.STEPS - dcp_workers.HALF, start=dcp_workers.HALF, batch=dist_workers.BATCH)
-    done_before = straight["calls"][dcp_workers.HALF - 1]
-    assert [done_before + c for c in run.calls] == straight["calls"][dcp_workers.HALF :]
-    assert max_diff(straight["params"], model) <= ONE_PROCESS_ATOL
-    assert opt.stats == pytest.approx(straight["stats"], rel=1e-6)  # (the counters exactly; step sizes to rounding)
+    one = OneProcess("fsdp", name, WORLD)
+    one.load_whole(model, opt)  # (the twin holds the parameters and state as the ranks' shards)
+    half = dcp_workers.HALF
+    run = one.run(half, dist_workers.STEPS - half, calls=straight["calls"][:half])  # (calls counted on from there)
+    assert_equals_one_process(straight, run)
