@@ -11,7 +11,8 @@ Closure contract: SaLSA's. One ``step(closure)`` call per inference batch; the c
 ``backwards`` and returns that batch's loss. The optimizer calls it with ``backwards=True``
 (training, and the first ``k`` calls of a measurement) or ``False`` (the rest of a
 measurement), and calls the stored closures of a measurement again at two other points on the
-line, each under the seed of its own step, so dropout masks repeat.
+line (two more for each try farther out, see :class:`LABPAL`), each under the seed of its own
+step, so dropout masks repeat.
 """
 
 from __future__ import annotations
@@ -28,14 +29,15 @@ from .closure import draw_seed
 from .distributed import agree_on_loss, agree_on_sums, resolve_group
 from .flat import FlatBucket
 from .labpal_scalars import Scalars
-from .parabola import H, nanmean, parabola_step
+from .labpal_line import LineMeasurement
+from .parabola import H, parabola_step
 
 __all__ = ["LABPAL", "parabola_step"]
 
-NORM_RANGE = (1e-3, 100.0)  # directions with a norm outside are not measured (hard-coded there)
+TRUSTED_NORM = (1e-3, 100.0)  # directions with a norm outside are not measured (hard-coded there)
 
 
-class LABPAL(FlatOptimizer):
+class LABPAL(LineMeasurement, FlatOptimizer):
     r"""Large-batch parabolic approximation line search.
 
     Args (reference name in parentheses):
@@ -59,8 +61,9 @@ class LABPAL(FlatOptimizer):
             once, and steps are averaged over ``window`` measurements
             (``amount_of_former_lr_values_to_consider``, 25).
         sample_step: the second sample position on the line
-            (``parabolic_approximation_sample_step_size``, 0.01).
-        max_step_size: cap on the measured step before adaptation (1.0).
+            (``parabolic_approximation_sample_step_size``, 0.01); the first is ``H = 1.77e-4``.
+        max_step_size: cap on the measured step before adaptation (1.0), and on how far out a
+            measurement's samples may go (below).
         eps: floor of the step (``epsilon``, 1e-6).
         fit: ``"reference"`` (the reference's effective step) or ``"exact"``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, as for SaLSA.
@@ -73,6 +76,18 @@ class LABPAL(FlatOptimizer):
         process_group: the ranks that must take the same decisions (default: the world, when
             torch.distributed is initialised): the line's losses are averaged over them and the
             direction's norm and slope summed over FSDP2 shards, as SaLSA's.
+        trusted_norm: ``(low, high)``: a measurement whose direction norm ``||D||`` lies outside
+            is abandoned while a step is in use, as the reference's are outside its hard-coded
+            ``(1e-3, 100.0)``, the default; with none in use yet it is measured all the same
+            (the reference crashed there). A loss summed rather than averaged has larger norms.
+
+    Measuring farther out: a fit the reference rejects (``a <= 0`` or ``b >= 0``) while rounding,
+    not the loss, could have decided it is fitted again on the same batches with both sample
+    steps 10x longer (``2N`` more forwards), then 100x, the second never beyond ``max_step_size``
+    (:func:`salsa_fast.parabola.fit_line`; ``stats["rescaled"]`` counts such measurements).
+    Accepted fits and rejections that stand above the noise are the reference's. After 3
+    measurements abandoned for their norm, or fits rejected, in a row, it warns once, naming the
+    reason and the argument that changes it (``trusted_norm``, ``sample_step``, ``max_step_size``).
 
     The defects of the authors' implementation fixed here are listed, each with its test, in
     the README's LABPAL section.
@@ -84,7 +99,7 @@ class LABPAL(FlatOptimizer):
     global_keys = frozenset(
         "mode training_set_size batch_size update_step_adaptation reuse_steps measure_batches batch_size_schedule "
         "warmup_updates window sample_step max_step_size eps fit cap_sgd_updates backend keep_backup weight_decay "
-        "process_group".split()
+        "process_group trusted_norm".split()
     )
     per_group_hint = (
         "LABPAL measures one step for all groups (and has no weight decay), so only 'lr' (a multiplier "
@@ -115,6 +130,7 @@ class LABPAL(FlatOptimizer):
         backend: str = "auto",
         keep_backup: bool = True,
         process_group=None,
+        trusted_norm=TRUSTED_NORM,
     ):
         mode = mode.lower() if isinstance(mode, str) else mode
         check(mode in ("nsgd", "sgd"), "mode", mode, "must be 'nsgd' or 'sgd'")
@@ -130,6 +146,8 @@ class LABPAL(FlatOptimizer):
         check(positive(eps), "eps", eps, "must be > 0")
         check(fit in ("reference", "exact"), "fit", fit, "must be 'reference' or 'exact'")
         check(isinstance(cap_sgd_updates, bool), "cap_sgd_updates", cap_sgd_updates, "must be a bool")
+        check(isinstance(trusted_norm, (tuple, list)) and len(trusted_norm) == 2 and all(map(is_real, trusted_norm))
+              and 0 <= trusted_norm[0] < trusted_norm[1], "trusted_norm", trusted_norm, "must be (low, high), 0 <= low < high")  # fmt: skip
         resolve_group(process_group)  # a group without torch.distributed is a ValueError
         try:
             schedule = sorted((int(t), float(m)) for t, m in batch_size_schedule)
@@ -153,12 +171,28 @@ class LABPAL(FlatOptimizer):
         self.fit = fit
         self.cap_sgd_updates = cap_sgd_updates
         self.process_group = process_group
+        self.trusted_norm = (float(trusted_norm[0]), float(trusted_norm[1]))
         self._scalars = Scalars()
-        self._measurement: list[tuple[Any, int, float]] = []  # (closure, seed, loss at theta0)
-        self._device_skips: torch.Tensor | None = None  # CUDA: updates skipped on the device
+        self._in_a_row = {"abandoned": 0, "rejected": 0}  # (for the warnings only: not saved)
+        self._loss_eps = 0.0  # the resolution (relative) of the measurement's loss dtype
         self._next_momentum: float | None = None  # a group's new momentum, applied between measurements
         super().__init__(params, dict(lr=1.0, momentum=self.momentum), backend=backend, keep_backup=keep_backup)
         self._pack()
+
+    def _transient(self) -> dict[str, Any]:
+        return {
+            **super()._transient(),
+            "_measurement": [],  # (closure, seed, loss at theta0) of each call of the measurement
+            "_device_skips": None,  # CUDA: updates skipped on the device, not yet read
+            "_at_start": None,  # (scalars, measurement) as the step found them (see _on_undo)
+            "_line_norm": None,  # ||D|| of the line being measured
+            "_saved_buckets": 0,  # buckets whose backup holds theta0 (keep_backup)
+            "_line_at": [],  # keep_backup=False: each bucket at theta0 - at * D
+        }
+
+    def _on_copy(self) -> None:
+        """A copy restarts a measurement in progress, as a resumed run does (see _on_load)."""
+        self._on_load()
 
     # -- buffers (the shell is salsa_fast._flat_optimizer) -----------------------------------------
     def _check_group_values(self, group: dict[str, Any], where: str) -> None:
@@ -182,10 +216,11 @@ class LABPAL(FlatOptimizer):
         if any(b.dtype in (torch.bfloat16, torch.float16) for b in self._buckets):
             self._warn_once(
                 "low-precision",
-                "LABPAL with bf16/fp16 parameters: its line measurement's first sample moves the "
-                f"parameters by {H} in all, below those dtypes' resolution, so the fitted parabolas "
-                "are noise and most measurements are rejected. Keep the parameters in fp32 (autocast "
-                "the forward pass instead).",
+                "LABPAL with bf16/fp16 parameters: the reference's first sample on the line moves the "
+                f"parameters by {H} in all, below those dtypes' resolution, so measurements are fitted "
+                "farther out (2N more forward passes each, stats['rescaled']), and steps and updates round "
+                "to the parameters' precision. fp32 parameters (autocast the forward pass) measure as "
+                "the reference does.",
             )
 
     @staticmethod
@@ -237,15 +272,18 @@ class LABPAL(FlatOptimizer):
             "measurements": s.measurements,
             "abandoned": s.abandoned,
             "rejected": s.rejected,
+            "rescaled": s.rescaled,
             "forwards": s.forwards,
             "backwards": s.backwards,
             "skipped_updates": s.skipped,
         }
 
     # -- the step --------------------------------------------------------------------------------
+    @torch._disable_dynamo  # (under torch.compile: one graph break, as SaLSA's step)
     def step(self, closure=None):  # type: ignore[override]
         """One inference batch: a training call or a measurement call. Returns its loss."""
-        self._begin_step(closure)
+        if not self._begin_step(closure):
+            return self._idle_step(closure)
         # what the schedule may change before the closure runs (the list is only ever replaced)
         self._at_start = replace(self._scalars), self._measurement
         s = self._scalars
@@ -281,6 +319,7 @@ class LABPAL(FlatOptimizer):
         s.measuring = True
         s.accumulated = 0  # a partly accumulated training batch is dropped
         self._measurement = []
+        self._loss_eps = 0.0
 
     def _gradient_call(self, closure) -> tuple[object, torch.Tensor, int]:
         seed = draw_seed()
@@ -375,114 +414,41 @@ class LABPAL(FlatOptimizer):
             out, loss = self._first_call(closure, seed, backwards=False)
             s.forwards += 1
         self._measurement.append((closure, seed, self._agreed(loss)))
+        self._loss_eps = max(self._loss_eps, torch.finfo(loss.dtype).eps if loss.is_floating_point() else 0.0)
         if i + 1 == s.k:
             norm, dot = self._direction_sums(s.k)
             norm_v, dot_v = torch.stack([norm, dot]).tolist()  # the search's one sync
             slope = -dot_v / norm_v if norm_v > 0 else float("nan")
-            low, high = NORM_RANGE
-            if not (math.isfinite(norm_v) and low <= norm_v <= high and slope < 0):
+            low, high = self.trusted_norm
+            trusted = low <= norm_v <= high or s.step is None  # (with no step in use there is none to keep)
+            if not (math.isfinite(norm_v) and trusted and slope < 0):
                 s.abandoned += 1
+                if math.isfinite(norm_v) and not trusted:
+                    self._count_in_a_row("abandoned", f"the direction norm {norm_v:.4g} is outside trusted_norm="
+                                         f"{self.trusted_norm}: pass a range that holds your loss's norms")  # fmt: skip
                 self._abandon()
                 return out
-            self._line_norm = norm_v
+            self._in_a_row["abandoned"] = 0
+            self._line_norm, self._line_slope = norm_v, slope
         if i + 1 == n_total:
             self._finish_measurement()
         return out
 
     def _abandon(self) -> None:
         """Weights unchanged; train on with the step in use for another ``reuse_steps`` updates,
-        or measure again if there is none yet (the reference crashed there)."""
+        or measure again if there is none yet (the reference crashed there; only a direction
+        that does not descend, or is not finite, is abandoned then)."""
         s = self._scalars
         self._start_measurement()
         s.measuring = s.step is None
         s.since_measurement = 0
 
-    @torch.no_grad()
-    def _finish_measurement(self) -> None:
-        s = self._scalars
-        norm = self._line_norm
-        l0 = nanmean([loss for _, _, loss in self._measurement])
-        self._saved_buckets = 0  # buckets whose backup holds theta0 (the first point saves it)
-        self._line_at = [0.0] * len(self._buckets)  # keep_backup=False: each bucket at theta0 - at * D
-        try:
-            l1 = self._losses_at(H, norm, first=True)
-            l2 = self._losses_at(self.sample_step, norm)
-        except BaseException:  # a closure (or a pass) raised: back to theta0, measure again next call
-            self._back_to_theta0()
-            self._start_measurement()
-            raise
-        a, b_slope, step = parabola_step((l0, l1, l2), H, self.sample_step, self.fit)
-        s.measurements += 1
-        if a > 0 and b_slope < 0:
-            step = max(min(step, self.max_step_size) * self.update_step_adaptation, self.eps)
-            lr = max(step / max(norm, self.eps), self.eps)
-            if math.isfinite(step):
-                if s.updates < self.warmup_updates:
-                    s.step, s.lr = step, lr
-                else:
-                    s.history = (s.history + [step])[-self.window :]
-                    s.lr_history = (s.lr_history + [lr])[-self.window :]
-                    s.step, s.lr = nanmean(s.history), nanmean(s.lr_history)
-        else:
-            s.rejected += 1
-        if s.step is None:  # nothing accepted yet: back to theta0, measure again
-            self._back_to_theta0()
-            self._start_measurement()
-            return
-        # the measurement ends with a step of the averaged length from theta0 along the unit
-        # direction, written in one pass (the momentum buffer becomes the direction)
-        for i, b in enumerate(self._buckets):
-            lr = float(self.param_groups[b.group_index]["lr"])
-            if self.keep_backup:
-                self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
-                                           scale=s.step / norm * lr, save_backup=False, write_buffer=True)  # fmt: skip
-            else:
-                self._move_on_line(i, s.step / norm * lr, write_buffer=True)
-        s.updates += 1
-        s.since_measurement = 0
-        s.measuring = False
-        self._measurement = []
-
-    def _move_on_line(self, i: int, scale: float, write_buffer: bool = False) -> None:
-        """keep_backup=False: bucket ``i`` to ``theta0 - scale * D`` from where it is on the line,
-        one rounding per element (``write_buffer``: the momentum buffer becomes ``D``)."""
-        b, s = self._buckets[i], self._scalars
-        self._backend.labpal_update(b, self._source(b), count=s.k, momentum=self.momentum,
-                                    scale=scale - self._line_at[i], coef=None, ok=None, write_buffer=write_buffer)  # fmt: skip
-        self._line_at[i] = scale
-
-    def _back_to_theta0(self) -> None:
-        """The parameters back where the measurement started (without a backup: to a rounding
-        per element per move)."""
-        if self.keep_backup:
-            for b in self._buckets[: self._saved_buckets]:
-                b.copy_params_from(b.backup)
-            return
-        for i, at in enumerate(self._line_at):
-            if at:
-                self._move_on_line(i, 0.0)
-
-    def _losses_at(self, x: float, norm: float, first: bool = False) -> float:
-        """Mean loss of the stored closures at ``theta0 - x * D / ||D||`` (NaNs skipped). The
-        line is the unscaled direction: group ``lr`` multipliers scale updates, not measurements.
-        ``first``: the parameters are still at ``theta0``; save them as the backup on the way."""
-        s = self._scalars
-        for i, b in enumerate(self._buckets):
-            if not self.keep_backup:
-                self._move_on_line(i, x / norm)
-                continue
-            self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
-                                       scale=x / norm, save_backup=first, write_buffer=False)  # fmt: skip
-            self._saved_buckets += first
-        losses = []
-        with self._replaying() as replay:
-            for closure, seed, _ in self._measurement:
-                _, loss = replay(closure, seed)
-                s.forwards += 1
-                losses.append(self._agreed(loss))
-        return nanmean(losses)
-
     # -- state_dict (saved and loaded by the shell, as a "labpal" entry beside torch's layout) ----
+    def _saved_scalars(self, state_dict: dict[str, Any]) -> Any:
+        """Checkpoints from before ``rescaled`` was counted: none was."""
+        saved = super()._saved_scalars(state_dict)
+        return {"rescaled": 0, **saved} if isinstance(saved, dict) else saved
+
     def _on_load(self) -> None:
         """A checkpoint taken in the middle of a measurement restarts that measurement (its
         closures cannot be saved; the parameters are still at its starting point)."""

@@ -1,6 +1,7 @@
 """LABPAL, restated plainly: per-parameter tensors, one formula per line, the reference's own
 parabola fit (``numpy.gradient`` twice, restated as :func:`gradient`). The ground truth :class:`salsa_fast.LABPAL` is tested
-against; same arguments, closure contract, seeding and fixes, none of its flat buffers.
+against; same arguments, closure contract, seeding and fixes (measuring farther out where
+rounding decides the reference's fit included), none of its flat buffers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from torch.optim import Optimizer
 from .closure import call_closure, check_closure, draw_seed
 
 H = 1.77e-4
+RESOLUTION = 4.0  # slope and curvature must stand this many times what rounding could move them by
+GROWTH = 10.0  # sample steps this much longer at each try farther out
 
 
 def gradient(f: list[float], x: list[float]) -> list[float]:
@@ -38,7 +41,8 @@ class LABPALReference(Optimizer):
     def __init__(self, params, mode="nsgd", training_set_size=40000, batch_size=128, update_step_adaptation=1.8,
                  momentum=0.0, reuse_steps=1000, measure_batches=10,
                  batch_size_schedule=((0, 1), (75000, 2), (112500, 4)), warmup_updates=400, window=25,
-                 sample_step=0.01, max_step_size=1.0, eps=1e-6, *, fit="reference", cap_sgd_updates=True):  # fmt: skip
+                 sample_step=0.01, max_step_size=1.0, eps=1e-6, *, fit="reference", cap_sgd_updates=True,
+                 trusted_norm=(1e-3, 100.0)):  # fmt: skip
         super().__init__(params, dict(lr=1.0))
         self.mode = mode.lower()
         self.noise_factor = (128 / batch_size) * (training_set_size / 40000)
@@ -54,6 +58,7 @@ class LABPALReference(Optimizer):
         self.eps = eps
         self.fit = fit
         self.cap = cap_sgd_updates  # SGD updates no longer than the step in use
+        self.trusted_norm = trusted_norm  # directions with a norm outside are not measured
 
         self.calls = 0
         self.updates = 0
@@ -67,9 +72,10 @@ class LABPALReference(Optimizer):
         self.history = []
         self.lr_history = []
         self.forwards = 0
+        self.rescaled = 0  # measurements fitted farther out than the reference's samples
         self.grad_sum = None  # per parameter: the summed gradients of the current batch
         self.count = 0  # calls in the current training batch
-        self.stored = []  # the measurement's (closure, seed, loss at theta0)
+        self.stored = []  # the measurement's (closure, seed, loss at theta0, its dtype's eps)
 
     def _params(self):
         return [(p, g["lr"]) for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -94,7 +100,7 @@ class LABPALReference(Optimizer):
         return out, loss, seed
 
     def _direction(self, count):
-        """Mean gradient, direction (with momentum), ||direction|| and <mean gradient, direction>."""
+        """Direction (with momentum), ||direction|| and <mean gradient, direction>."""
         means, dirs = [], []
         for acc, (p, _) in zip(self.grad_sum, self._params()):
             d = acc / count
@@ -113,8 +119,9 @@ class LABPALReference(Optimizer):
         for (p, lr), origin, D in zip(self._params(), origins, dirs):
             p.copy_((origin.to(D.dtype) - scale * (lr if use_group_lr else 1.0) * D).to(p.dtype))
 
-    def _fit(self, l0, l1, l2):
-        x = [0.0, H, self.mu]
+    def _fit(self, l0, l1, l2, h, mu):
+        """(a, b, step) of the losses at 0, h, mu."""
+        x = [0.0, h, mu]
         f = [l0, l1, l2]
         if self.fit == "exact":  # the interpolating parabola alpha x^2 + beta x + c, Lagrange form
             alpha = beta = 0.0
@@ -128,7 +135,39 @@ class LABPALReference(Optimizer):
             slopes = gradient(f, x)
             curvatures = gradient(slopes, x)
             a, b = curvatures[0] / 2, slopes[0]
-        return a, b, -b / (2 * a)
+        return a, b, -b / (2 * a) if a != 0 else float("nan")
+
+    def _verdict(self, l0, l1, l2, h, mu, noise):
+        """True/False: accepted/rejected however the losses err by up to ``noise`` each (times
+        RESOLUTION); None where such errors could flip it, or where the fit of the losses and
+        that of their differences to l0 (free of the float64 rounding a large loss brings into
+        the formula) disagree. A non-finite fit is rejected."""
+        a, b, _ = self._fit(0.0, l1 - l0, l2 - l0, h, mu)
+        raw_a, raw_b, _ = self._fit(l0, l1, l2, h, mu)
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return False
+        if (a > 0 and b < 0) != (raw_a > 0 and raw_b < 0):
+            return None
+        unit = [self._fit(*e, h, mu) for e in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))]
+        reach_a = RESOLUTION * noise * sum(abs(u[0]) for u in unit)  # a and b are linear in the losses
+        reach_b = RESOLUTION * noise * sum(abs(u[1]) for u in unit)
+        if a <= -reach_a or b >= reach_b:
+            return False
+        if a >= reach_a and b <= -reach_b:
+            return True
+        return None
+
+    def _noise(self, at0, at_h, at_mu, h, mu):
+        """How far rounding may move a loss: the loss dtype's resolution at the largest mean loss,
+        or the gradient batches' misfit at h to the parabola through their loss at 0 with their
+        exact slope there and their loss at mu, if larger."""
+        k = self.k
+        l0k, l1k, l2k = nanmean(at0[:k]), nanmean(at_h[:k]), nanmean(at_mu[:k])
+        curvature = (l2k - l0k - mu * self.slope) / mu**2
+        misfit = abs(l1k - l0k - h * self.slope - curvature * h**2)
+        eps = max(e for _, _, _, e in self.stored)
+        floor = eps * max(abs(nanmean(at0)), abs(nanmean(at_h)), abs(nanmean(at_mu)))
+        return max(floor, misfit) if math.isfinite(misfit) else floor
 
     def step(self, closure=None):
         check_closure(closure)
@@ -177,11 +216,14 @@ class LABPALReference(Optimizer):
             seed = draw_seed()
             out, loss = call_closure(closure, seed, [], backwards=False)
             self.forwards += 1
-        self.stored.append((closure, seed, float(loss)))
+        self.stored.append((closure, seed, float(loss), torch.finfo(loss.dtype).eps if loss.is_floating_point() else 0.0))
         if i + 1 == self.k:
             self.dirs, self.norm, dot = self._direction(self.k)
             slope = -dot / self.norm if self.norm > 0 else float("nan")
-            if not (math.isfinite(self.norm) and 1e-3 <= self.norm <= 100 and slope < 0):
+            self.slope = slope
+            low, high = self.trusted_norm  # (with no step yet, any norm: there is none to keep)
+            trusted = low <= self.norm <= high or self.step_value is None
+            if not (math.isfinite(self.norm) and trusted and slope < 0):
                 self._start_measurement()
                 self.measuring = self.step_value is None
                 self.since_measurement = 0
@@ -193,18 +235,31 @@ class LABPALReference(Optimizer):
     def _losses_at(self, theta0, x):
         self._move(theta0, self.dirs, x / self.norm, use_group_lr=False)
         losses = []
-        for closure, seed, _ in self.stored:
+        for closure, seed, _, _ in self.stored:
             losses.append(float(call_closure(closure, seed, [], backwards=False)[1]))
             self.forwards += 1
-        return nanmean(losses)
+        return losses
 
     @torch.no_grad()
     def _finish(self):
         theta0 = [p.detach().clone() for p, _ in self._params()]
-        l0 = nanmean([loss for _, _, loss in self.stored])
-        l1 = self._losses_at(theta0, H)
-        l2 = self._losses_at(theta0, self.mu)
-        a, b, s = self._fit(l0, l1, l2)
+        at0 = [loss for _, _, loss, _ in self.stored]
+        l0 = nanmean(at0)
+        at_h, at_mu = self._losses_at(theta0, H), self._losses_at(theta0, self.mu)
+        a, b, s = self._fit(l0, nanmean(at_h), nanmean(at_mu), H, self.mu)
+        if not (a > 0 and b < 0):  # rejected: farther out, while rounding could have decided it
+            scale, noise = 1.0, 0.0
+            while True:
+                noise = max(noise, self._noise(at0, at_h, at_mu, H * scale, self.mu * scale))
+                bigger = min(scale * GROWTH, self.max_step_size / self.mu)
+                verdict = self._verdict(l0, nanmean(at_h), nanmean(at_mu), H * scale, self.mu * scale, noise)
+                if verdict is not None or bigger <= scale:
+                    break
+                scale = bigger
+                at_h = self._losses_at(theta0, H * scale)
+                at_mu = self._losses_at(theta0, self.mu * scale)
+                a, b, s = self._fit(l0, nanmean(at_h), nanmean(at_mu), H * scale, self.mu * scale)
+            self.rescaled += scale > 1
         if a > 0 and b < 0:
             s = max(min(s, self.max_step_size) * self.adaptation, self.eps)
             lr = max(s / max(self.norm, self.eps), self.eps)

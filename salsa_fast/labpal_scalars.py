@@ -29,6 +29,7 @@ class Scalars:
     measurements: int = count()  # finished measurements (accepted or not)
     abandoned: int = count()  # measurements given up at the direction check
     rejected: int = count()  # parabolas that were not convex with a descending slope
+    rescaled: int = count()  # measurements whose fit was taken farther out on the line than the reference's
     forwards: int = count()
     backwards: int = count()
     skipped: int = count()  # training updates skipped for a non-finite direction

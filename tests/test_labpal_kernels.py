@@ -163,23 +163,31 @@ def test_triton_backend_matches_torch_backend(dtype, options, monkeypatch):
     calls = 70
     a, b = mlp(dtype).to(DEVICE), mlp(dtype).to(DEVICE)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SaLSAWarning)  # bf16: measurements are noise (see below)
+        warnings.simplefilter("ignore", SaLSAWarning)  # bf16: measured farther out (see below)
         opt_a = LABPAL(_groups(a), backend="triton", **BRISK, **options)
         opt_b = LABPAL(_groups(b), backend="torch", **BRISK, **options)
     assert opt_a._backend is triton_ops and opt_b._backend is torch_ops
     if dtype == torch.bfloat16:
         # bf16 cannot resolve the line's first sample (1.77e-4 in all, below its last bit), so
-        # its measurements are rejected: start both from a step measured in fp32
+        # its measurements are fitted farther out (two more points a try, counted below); both
+        # start from a step measured in fp32
         warm = mlp().to(DEVICE)
         warm_opt = LABPAL(_groups(warm), backend="torch", **BRISK, **options)
         train(warm, warm_opt, 12)
         opt_a.load_state_dict(warm_opt.state_dict())
         opt_b.load_state_dict(warm_opt.state_dict())
     before = dict(opt_a.stats)
+    points, losses_at = [0], opt_a._losses_at  # the points on the line opt_a evaluates
+
+    def counted_points(*args, **kwargs):
+        points[0] += 1
+        return losses_at(*args, **kwargs)
+
+    monkeypatch.setattr(opt_a, "_losses_at", counted_points)
     ra = train(a, opt_a, calls, dtype=dtype)
     rb = train(b, opt_b, calls, dtype=dtype)
     assert ra.calls == rb.calls
-    counters = ("calls", "updates", "measurements", "abandoned", "rejected", "k", "forwards", "backwards")
+    counters = ("calls", "updates", "measurements", "abandoned", "rejected", "rescaled", "k", "forwards", "backwards")
     assert [opt_a.stats[c] for c in counters] == [opt_b.stats[c] for c in counters]
     assert opt_a.stats["measurements"] - before["measurements"] >= 2
     assert opt_a.step_size == pytest.approx(opt_b.step_size, rel=1e-6 if dtype == torch.float64 else 1e-2)
@@ -193,6 +201,9 @@ def test_triton_backend_matches_torch_backend(dtype, options, monkeypatch):
     assert opt_a.stats["rejected"] == before["rejected"] or math.isfinite(before["step_size"])
     closing = s["measurements"]
     training = s["updates"] - closing
+    # two points a measurement, and two more for each try farther out (bf16 here)
+    assert points[0] >= 2 * s["measurements"]
+    assert (points[0] == 2 * s["measurements"]) == (opt_a.stats["rescaled"] == before["rescaled"])
     assert training > 0 and s["skipped_updates"] == 0  # (no non-finite direction here)
     # A measurement dropped after its direction check: with the schedule, the 16th update (the
     # warm-up's end, call 24) forces a measurement at call 25 (k = 1: its direction is summed at
@@ -201,7 +212,7 @@ def test_triton_backend_matches_torch_backend(dtype, options, monkeypatch):
     per_bucket = {
         "update": training,  # one pass per training update
         "sums": training + s["measurements"] + s["abandoned"] + dropped,  # and one per direction check
-        "point": 2 * s["measurements"] + closing,  # the line's two samples, the closing update
+        "point": points[0] + closing,  # the line's samples, the closing update
     }
     assert launches == {key: buckets * n for key, n in per_bucket.items()}  # one launch per bucket per pass
 
