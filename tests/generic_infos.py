@@ -51,8 +51,11 @@ CLOSURE_OPTIMIZERS = (SaLSA, LABPAL)
 # LABPAL at the scale of these tests: a measurement of 2 calls, 4 updates between measurements,
 # the forced post-warm-up measurement after 3 updates, so that all of it happens within 20 steps.
 # The noise factor (128 / 10) * (1000 / 40000) = 0.32 makes k = max(int(0.32 m), 1): 1 for the
-# schedule's multiplier 1, 2 for the multiplier 7 (the "k=2" option set, from call 8).
-LABPAL_SMALL = dict(training_set_size=1000, batch_size=10, reuse_steps=4, measure_batches=2, warmup_updates=3)
+# schedule's multiplier 1, 2 for the multiplier 7 (the "k=2" option set, from call 8). torch's
+# test problems sum their losses, so their direction norms reach past the reference's trusted
+# range (about 102 on the 10x5 problem): the range is widened, as the warning it gives advises.
+LABPAL_SMALL = dict(training_set_size=1000, batch_size=10, reuse_steps=4, measure_batches=2, warmup_updates=3,
+                    trusted_norm=(1e-3, 1e3))  # fmt: skip
 
 
 # -- option sets -------------------------------------------------------------------------------------

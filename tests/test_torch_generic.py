@@ -499,7 +499,7 @@ def test_step_returns_the_closure_loss(info, kwargs):
 
 
 def _mixed_dtypes(info):
-    if info.optim_cls is LABPAL:  # bf16/fp16 parameters: a warning (below), measurements of noise
+    if info.optim_cls is LABPAL:  # bf16/fp16 parameters make LABPAL warn (checked below): fp32 and fp64 here
         return (torch.float64, torch.float32)
     return (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
