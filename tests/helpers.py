@@ -281,3 +281,51 @@ def as_previous_release(sd: dict, entry: str) -> dict:
     groups = [{k: v for k, v in g.items() if k != entry} for g in sd["param_groups"]]
     state = {i: {k: getattr(v, "_local_tensor", v) for k, v in e.items()} for i, e in sd["state"].items()}
     return {**sd, "state": state, "param_groups": groups, entry: scalars}
+
+
+# -- two backends' passes over a bucket, equal to rounding (tolerances derived from the arithmetic) ----
+
+
+def close_buckets(a, b, dtype):
+    """Equal to rounding: TOL's few ulps relative, and, for an element whose operations cancel
+    to near zero, absolute ulps of its operands (:func:`cancellation_atol`)."""
+    from conftest import TOL  # (not at the top: worker processes import helpers)
+
+    values = param_values(a)
+    operands = [values] + ([a.backup] if a.backup is not None else [])
+    tol = TOL[dtype]
+    atol = cancellation_atol(a.state_dtype, tol, operands)  # (the math's dtype: bf16/fp16 round once at the end)
+    torch.testing.assert_close(values, param_values(b), rtol=tol["rtol"], atol=atol)
+    close_state(a, b, dtype, ("exp_avg", "exp_avg_sq"))
+
+
+def close_state(a, b, dtype, names) -> None:
+    """The buckets' state buffers ``names`` equal to rounding, as :func:`close_buckets`' values."""
+    from conftest import STATE_TOL, STATE_TOL_32
+
+    state_tol = STATE_TOL.get(dtype, STATE_TOL_32)
+    for name in names:
+        if getattr(a, name) is not None:
+            atol = cancellation_atol(a.state_dtype, state_tol, [getattr(a, name), a.grad])
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=state_tol["rtol"], atol=atol)
+
+
+def cancellation_atol(dtype, tol, operands) -> float:
+    """The absolute part of the tolerance, for math in ``dtype``: each backend rounds an
+    element at most 8 times (the direction's five operations, the point's two, a widening or
+    narrowing), so the two differ by at most 16 roundings of its largest operand. The values
+    after the pass and the backup (the values before, where the pass keeps one) bound the
+    operands (``|lr * d| <= |p_new| + |p_old|``; a moment's: the moment and the gradient):
+    16 ulps of twice the largest of them, or the conftest's atol if that is larger."""
+    largest = max(float(t.abs().max()) for t in operands if t.numel())
+    return max(tol["atol"], 16 * torch.finfo(dtype).eps * 2 * largest)
+
+
+def assert_sums_close(sum_a, sum_b, terms: torch.Tensor, dtype: torch.dtype) -> None:
+    """Two backends' sums of the same ``n`` products (``terms``, as one backend computed them,
+    math in ``dtype``): each adds them in its own order, so each is within ``gamma_n * sum(|terms|)``
+    of the exact sum (Higham's bound for a dot product in any order, ``gamma_n ~ n * eps / 2``),
+    and their products differ by a few roundings each (at most 16, as in
+    :func:`cancellation_atol`): the two are within ``(n + 16) * eps * sum(|terms|)``."""
+    bound = (terms.numel() + 16) * torch.finfo(dtype).eps * float(terms.double().abs().sum())
+    assert abs(float(sum_a) - float(sum_b)) <= bound

@@ -9,8 +9,8 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, SHAPES, STATE_TOL, STATE_TOL_32, TOL
-from helpers import digits, fill_regions, max_abs_diff, mlp, param_values, train
+from conftest import DEVICE, DTYPES, SHAPES
+from helpers import assert_sums_close, close_buckets, digits, fill_regions, max_abs_diff, mlp, param_values, train
 from torch import nn
 
 from salsa_fast import SaLSA
@@ -44,41 +44,9 @@ def _pair(dtype, direction="adam", lean=False):
     return a, copy.deepcopy(a)
 
 
-def _close_buckets(a, b, dtype):
-    """Equal to rounding: TOL's few ulps relative, and, for an element whose operations cancel
-    to near zero, absolute ulps of its operands (:func:`_cancellation_atol`)."""
-    values = param_values(a)
-    operands = [values] + ([a.backup] if a.backup is not None else [])
-    tol = TOL[dtype]
-    atol = _cancellation_atol(a.state_dtype, tol, operands)  # (the math's dtype: bf16/fp16 round once at the end)
-    torch.testing.assert_close(values, param_values(b), rtol=tol["rtol"], atol=atol)
-    state_tol = STATE_TOL.get(dtype, STATE_TOL_32)
-    for name in ("exp_avg", "exp_avg_sq"):
-        if getattr(a, name) is not None:
-            atol = _cancellation_atol(a.state_dtype, state_tol, [getattr(a, name), a.grad])
-            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=state_tol["rtol"], atol=atol)
-
-
-def _cancellation_atol(dtype, tol, operands) -> float:
-    """The absolute part of the tolerance, for math in ``dtype``: each backend rounds an
-    element at most 8 times (the direction's five operations, the point's two, a widening or
-    narrowing), so the two differ by at most 16 roundings of its largest operand. The values
-    after the pass and the backup (the values before, where the pass keeps one) bound the
-    operands (``|lr * d| <= |p_new| + |p_old|``; a moment's: the moment and the gradient):
-    16 ulps of twice the largest of them, or the conftest's atol if that is larger."""
-    largest = max(float(t.abs().max()) for t in operands if t.numel())
-    return max(tol["atol"], 16 * torch.finfo(dtype).eps * 2 * largest)
-
-
-def _assert_sums_close(pp_a, pp_b, b) -> None:
-    """Two backends' ``sum(g * d)`` over a bucket, ``b`` the torch backend's (which keeps its
-    direction): each adds the bucket's ``n`` products in its own order, so each is within
-    ``gamma_n * sum(|g * d|)`` of the exact sum (Higham's bound for a dot product in any order,
-    ``gamma_n ~ n * eps / 2``), and their directions differ by a few roundings per element (at
-    most 16, as in :func:`_cancellation_atol`): the two are within ``(n + 16) * eps`` times
-    ``sum(|g * d|)`` of each other."""
-    terms = float((b.grad.double() * b.scratch["direction"].double()).abs().sum())
-    assert abs(float(pp_a) - float(pp_b)) <= (b.numel + 16) * torch.finfo(b.state_dtype).eps * terms
+def _products(b) -> torch.Tensor:
+    """``g * d`` of the torch backend's bucket ``b`` (which keeps its direction)."""
+    return b.grad.double() * b.scratch["direction"].double()
 
 
 VARIANTS = [("adam", False), ("adam", True), ("sgd", False), ("sgd", True)]
@@ -93,7 +61,7 @@ def test_plain_step_on_a_lean_bucket(dtype):
     h = _hyper()
     triton_ops.plain_step(a, lr_step=0.03, decay=0.01, h=h)
     torch_ops.plain_step(b, lr_step=0.03, decay=0.01, h=h)
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -104,7 +72,7 @@ def test_plain_step(dtype, direction, use_mv, decay):
     h = _hyper(direction, use_mv)
     triton_ops.plain_step(a, lr_step=0.03, decay=decay, h=h)
     torch_ops.plain_step(b, lr_step=0.03, decay=decay, h=h)
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -124,7 +92,7 @@ def test_plain_step_skips_on_the_device_flag(dtype, backend):
     h.state.flag.zero_()
     backend.plain_step(a, lr_step=0.03, decay=0.01, h=h, count_skip=True)
     torch_ops.plain_step(b, lr_step=0.03, decay=0.01, h=h)
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
     assert float(h.state.read_skipped()) == 1.0
 
 
@@ -139,20 +107,20 @@ def test_search_passes(dtype, direction, use_mv):
     pp_a = triton_ops.search_begin(a, lr_step=0.5, decay=0.02, h=h)
     pp_b = torch_ops.search_begin(b, lr_step=0.5, decay=0.02, h=h)
     assert torch.equal(a.backup, pre)
-    _assert_sums_close(pp_a, pp_b, b)
-    _close_buckets(a, b, dtype)
+    assert_sums_close(pp_a, pp_b, _products(b), b.state_dtype)
+    close_buckets(a, b, dtype)
     for lr in (0.4, 1e-3):
         triton_ops.search_trial(a, lr_step=lr, decay=0.02, h=h)
         torch_ops.search_trial(b, lr_step=lr, decay=0.02, h=h)
-        _close_buckets(a, b, dtype)
+        close_buckets(a, b, dtype)
     triton_ops.search_momentum_point(a, lr_step=0.2, decay=0.02, h=h)
     torch_ops.search_momentum_point(b, lr_step=0.2, decay=0.02, h=h)
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
     m_before = a.exp_avg.clone()
     triton_ops.search_commit(a, h=h)
     torch_ops.search_commit(b, h=h)
     assert not torch.equal(a.exp_avg, m_before)
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
     assert not a.search_active
 
 
@@ -169,12 +137,12 @@ def test_lean_search_passes(dtype, direction, use_mv):
     pre = param_values(a)
     pp_a, pp_b = triton_ops.lean_norm(a, h=h), torch_ops.lean_norm(b, h=h)
     assert torch.equal(param_values(a), pre) and torch.equal(param_values(b), pre)
-    _assert_sums_close(pp_a, pp_b, b)
+    assert_sums_close(pp_a, pp_b, _products(b), b.state_dtype)
     visited = 0.0
     for lr in (0.5, 0.4, 1e-3):
         triton_ops.lean_trial(a, lr_step=lr, decay=0.02, h=h)
         torch_ops.lean_trial(b, lr_step=lr, decay=0.02, h=h)
-        _close_buckets(a, b, dtype)
+        close_buckets(a, b, dtype)
         visited = max(visited, float(param_values(a).abs().max()))
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
         ops.lean_restore(bucket, h=h)
@@ -184,7 +152,7 @@ def test_lean_search_passes(dtype, direction, use_mv):
         ops.lean_momentum_point(bucket, lr_step=0.2, decay=0.02, h=h)
         ops.search_commit(bucket, h=h)
         assert bucket.lean_at is None and bucket.backup is None
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -296,17 +264,17 @@ def test_table_kernels_reach_every_parameter(dtype, special):
     h = _hyper()
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
         ops.plain_step(bucket, lr_step=0.03, decay=0.01, h=h)
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
     pre = param_values(a)
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
         pp = ops.search_begin(bucket, lr_step=0.5, decay=0.02, h=h)
         bucket.scratch["pp"] = pp
     assert torch.equal(a.backup, pre)
-    _assert_sums_close(a.scratch.pop("pp"), b.scratch.pop("pp"), b)
-    _close_buckets(a, b, dtype)
+    assert_sums_close(a.scratch.pop("pp"), b.scratch.pop("pp"), _products(b), b.state_dtype)
+    close_buckets(a, b, dtype)
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
         ops.search_trial(bucket, lr_step=0.1, decay=0.02, h=h)
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
     a.abort_search()
     assert torch.equal(param_values(a), pre)
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
@@ -339,16 +307,16 @@ def test_lean_table_rows_of_several_blocks(dtype):
     h = _hyper()
     for ops, bk in ((triton_ops, a), (torch_ops, b)):
         ops.plain_step(bk, lr_step=0.03, decay=0.01, h=h)
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
     pp = [float(ops.lean_norm(bk, h=h)) for ops, bk in ((triton_ops, a), (torch_ops, b))]
-    _assert_sums_close(*pp, b)
+    assert_sums_close(*pp, _products(b), b.state_dtype)
     for ops, bk in ((triton_ops, a), (torch_ops, b)):
         ops.lean_trial(bk, lr_step=0.2, decay=0.01, h=h)
         ops.lean_trial(bk, lr_step=0.1, decay=0.01, h=h)
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
     for ops, bk in ((triton_ops, a), (torch_ops, b)):
         ops.labpal_update(bk, bk.grad, count=1, momentum=0.5, scale=0.3, coef=None, ok=None)
-    _close_buckets(a, b, dtype)
+    close_buckets(a, b, dtype)
 
 
 # -- end to end -----------------------------------------------------------------------------------
