@@ -34,6 +34,7 @@ from common import copy_bandwidth_gb_s, datasheet_peak, environment, time_ms, wr
 from salsa_fast import SaLSA  # noqa: E402
 from salsa_fast.backends import Hyper  # noqa: E402
 from salsa_fast.step_state import StepState  # noqa: E402
+from salsa_fast import testing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -70,9 +71,9 @@ def salsa_passes(backend: str, n: int, dtype, device):
     grad = p.grad
     opt = SaLSA([p], backend=backend)
     p.grad = grad
-    opt._adopt_grads()  # attach the flat gradient view (the first step would do it)
-    (b,) = opt._buckets
-    be = opt._backend
+    testing.attach_grads(opt)  # attach the flat gradient view (the first step would do it)
+    (b,) = testing.buckets(opt)
+    be = testing.backend(opt)
     h = Hyper(0.9, 0.999, 1e-8, "adam", False, StepState.at(device, 0.9, 0.999, bias_step=11.0))
     kw = dict(lr_step=1e-4, decay=0.0)
 

@@ -36,6 +36,7 @@ import workloads  # noqa: E402
 from common import environment, sync, write_json  # noqa: E402
 
 from salsa_fast import SaLSA  # noqa: E402
+from salsa_fast import testing
 
 try:
     from salsa.SaLSA import SaLSA as PublishedSaLSA
@@ -70,7 +71,7 @@ def state_bytes(opt) -> int:
             total += t.numel() * t.element_size()
 
     if isinstance(opt, SaLSA):
-        for b in opt._buckets:
+        for b in testing.buckets(opt):
             for t in (b.exp_avg, b.exp_avg_sq, b.backup, *b.workspace.values()):
                 add(t)
         return total

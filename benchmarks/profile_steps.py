@@ -34,6 +34,7 @@ import workloads  # noqa: E402
 from common import environment, sync, write_json  # noqa: E402
 
 from salsa_fast import SaLSA  # noqa: E402
+from salsa_fast import testing
 
 KINDS = {True: "search", False: "non-search"}
 STEP_RANGE = "profile_steps.step"
@@ -205,7 +206,7 @@ def main(argv=None) -> dict:
         "benchmark": "profile_steps",
         "workload": work.name,
         "n_params": work.n_params,
-        "backend": opt._backend.name,
+        "backend": testing.backend(opt).name,
         "warmup_steps": warmup_steps,
         "both_kinds_in_warmup": len(kinds) == 2,
         "timed": timed,

@@ -30,6 +30,7 @@ import workloads  # noqa: E402
 from common import environment, sync  # noqa: E402
 
 from salsa_fast import SaLSA  # noqa: E402
+from salsa_fast import testing
 
 
 def main(argv=None) -> str:
@@ -80,7 +81,7 @@ def main(argv=None) -> str:
     env = environment(device)
     header = (
         f"# Profile of {len(recorded)} SaLSA steps ({searched} searched), {work.name} "
-        f"({work.n_params / 1e6:.2f}M parameters), backend {opt._backend.name}\n\n"
+        f"({work.n_params / 1e6:.2f}M parameters), backend {testing.backend(opt).name}\n\n"
         f"{env['device_name']} ({env['device']}), torch {env['torch']}, triton {env['triton']}, {env['date']}\n"
         f"trace: {args.trace}\n\n"
     )

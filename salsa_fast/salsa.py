@@ -29,6 +29,7 @@ from .closure import draw_seed
 from .distributed import agree_on_flag, agree_on_loss, agree_on_search, resolve_group
 from .flat import FlatBucket
 from .profiling import annotate
+from .salsa_line import BackupLine, MovingLine, Point
 from .salsa_scalars import Found, Scalars, Step, StepInfo, Writes
 from .step_state import DeviceSteps
 
@@ -173,6 +174,7 @@ class SaLSA(FlatOptimizer):
             "_unread_skips": False,  # a non-search step ran since the host last read that count
             "_scaler": ScalerLink(self.grad_scaler, self) if self.grad_scaler is not None else None,
             "_hypers": [],
+            "_line": None,  # where a search puts the parameters (salsa_fast.salsa_line)
             "_counts_skip": [],
         }
 
@@ -206,6 +208,8 @@ class SaLSA(FlatOptimizer):
         self._counts_skip = [first_of_device[b.device] is b for b in buckets]  # once per device
 
     def _make_hypers(self) -> None:
+        """Each bucket's step constants, and the line its searches move on (which keeps a backup
+        or moves the parameters, chosen here once)."""
         beta1, beta2 = self.betas[:2]
         self._steps.set_betas(beta1, beta2)
         hypers = {
@@ -213,6 +217,8 @@ class SaLSA(FlatOptimizer):
             for d, state in self._steps.states.items()
         }
         self._hypers = [hypers[b.device] for b in self._buckets]  # each bucket's, in bucket order
+        line = BackupLine if self.keep_backup else MovingLine
+        self._line = line(self._backend, self._buckets, self._hypers)
 
     def _on_shared(self, key: str, betas: tuple[float, float]) -> None:
         """Adam's betas follow the groups' ``betas`` (moved by schedulers that cycle momentum)."""
@@ -357,23 +363,21 @@ class SaLSA(FlatOptimizer):
         steps that make this one not due to search, or the loss or gradient is not finite) the
         search, the commit of the moments, the bookkeeping. Anything raising undoes the step."""
         s = self._scalars
+        first = Point(s.step_size * self.growth, st.search)
         with self._replaying() as replay:
             try:
-                loss_v, pp_v, skipped = self._first_pass(st)
+                loss_v, pp_v, skipped = self._first_pass(st, first)
                 k = st.k - skipped
                 # the device skipped steps the host counted: without them, is this step still due?
                 demoted = skipped and not self._searches(k, s.since_search + 1)
                 finite = math.isfinite(loss_v) and math.isfinite(pp_v)
                 if demoted or not finite:
-                    self._abort()
+                    self._line.back()
                 else:
-                    found = self._search(closure, replay, st, loss_v, pp_v)
-                    # The moments last: a commit that fails leaves the step undone, as every other
-                    # failure does (with several buckets, only those not yet committed go back).
-                    for b, h in zip(self._buckets, self._hypers):
-                        self._backend.search_commit(b, h=h)
+                    found = self._search(closure, replay, st, first, loss_v, pp_v)
+                    self._line.commit()  # (the moments last: a commit that raises is undone too)
             except BaseException:
-                self._abort()
+                self._line.back()
                 raise
         if demoted:
             return self._plain_step(st._replace(k=k))
@@ -382,18 +386,13 @@ class SaLSA(FlatOptimizer):
         self._book_search(k, found, st.lr_scale)
         return st.out
 
-    def _first_pass(self, st: Step) -> tuple[float, float, int]:
-        """Every bucket's first pass, then the search's one sync: the loss and the norm
+    def _first_pass(self, st: Step, first: Point) -> tuple[float, float, int]:
+        """The line's first pass, then the search's one sync: the loss and the norm
         ``sum(g * d)`` (each group's share times its search multiplier), agreed over the ranks,
         and the count of skips the device made that the host had not read (now counted)."""
         dev = self._buckets[0].device
-        eta_try = self._scalars.step_size * self.growth
         sums = {sharded: torch.zeros((), dtype=torch.float64, device=dev) for sharded in (False, True)}
-        for b, h, lr, decay in zip(self._buckets, self._hypers, *st.search):
-            if self.keep_backup:  # back up p, write the first trial point, sum(g * d)
-                pp = self._backend.search_begin(b, lr_step=lr * eta_try, decay=decay, h=h)
-            else:  # only sum(g * d): the parameters move once the search is decided
-                pp = self._backend.lean_norm(b, h=h)
+        for b, lr, pp in zip(self._buckets, st.search.lrs, self._line.begin(first)):
             sums[b.sharded] = sums[b.sharded] + lr * pp.to(dev, torch.float64)  # (shards: summed over ranks)
         agreed = agree_on_search(resolve_group(self.process_group), st.loss.to(dev, torch.float64), sums[False], sums[True])
         skipped = self._steps.read_skipped().to(dev).reshape(1)
@@ -401,44 +400,28 @@ class SaLSA(FlatOptimizer):
         self._count_device_skips(int(skipped_v))
         return loss_v, pp_v, int(skipped_v)
 
-    def _search(self, closure, replay, st: Step, loss_v: float, pp_v: float) -> Found:
-        """Backtrack along the search direction (or, where the loss or the norm is too small for
-        the criterion, take the point along the momentum direction); leave the parameters at the
-        update: the point found, with every group's full ``lr``."""
+    def _search(self, closure, replay, st: Step, first: Point, loss_v: float, pp_v: float) -> Found:
+        """Backtrack along the search direction from ``first`` (or, where the loss or the norm is
+        too small for the criterion, take the point along the momentum direction); leave the
+        parameters at the update: the point found, with every group's full ``lr``."""
         s, beta3 = self._scalars, self.betas[2]
-        eta_try = s.step_size * self.growth
         norm_avg = beta3 * s.norm_avg + (1 - beta3) * pp_v
         if abs(loss_v) < MIN_LOSS or norm_avg < MIN_LOSS:  # no criterion: the momentum direction
-            self._write_points(self._pass("momentum_point"), eta_try, st.update)
+            self._line.to(Point(first.eta, st.update, momentum=True))
             replay(closure, st.seed)
-            return Found(eta_try, False, 0, 2, norm_avg, s.decrease_avg)
+            return Found(first.eta, False, 0, 2, norm_avg, s.decrease_avg)
         if loss_v < 0:
             self._warn_once("negative", _NEGATIVE)
-        trial, at = self._pass("trial"), [eta_try]
-
-        def write(eta: float) -> None:
-            at[0] = eta
-            self._write_points(trial, eta, st.search)
-
-        if not self.keep_backup:
-            write(eta_try)  # (with a backup, the first pass wrote it)
+        self._line.to(first)
         eta, accepted, trials, decrease_avg = backtrack(
-            lambda: self._trial_loss(replay, closure, st.seed), write, loss=loss_v, eta=eta_try, norm_avg=norm_avg,
-            decrease_avg=s.decrease_avg, beta3=beta3, c=self.c, decrease=self.decrease, max_backtracks=self.max_backtracks,
+            lambda: self._trial_loss(replay, closure, st.seed), lambda eta: self._line.to(Point(eta, st.search)),
+            loss=loss_v, eta=first.eta, norm_avg=norm_avg, decrease_avg=s.decrease_avg, beta3=beta3, c=self.c,
+            decrease=self.decrease, max_backtracks=self.max_backtracks,
         )  # fmt: skip
-        if st.update != st.search:  # a factor common to every group's lr: it scales the update
-            self._write_points(trial, at[0], st.update)
+        # the update: the point the parameters are at, with the full lr (the same point unless a
+        # factor common to every group's lr scales it)
+        self._line.to(self._line.at._replace(writes=st.update))
         return Found(eta, accepted, trials, 1 + trials, norm_avg, decrease_avg)
-
-    def _pass(self, name: str):
-        """The backend's pass that writes a point: ``"trial"`` or ``"momentum_point"``, from the
-        backup or moving the parameters (``keep_backup=False``)."""
-        return getattr(self._backend, ("search_" if self.keep_backup else "lean_") + name)
-
-    def _write_points(self, write, eta: float, writes: Writes) -> None:
-        """Write every bucket's parameters with one backend pass (a trial or the update)."""
-        for b, h, lr, decay in zip(self._buckets, self._hypers, *writes):
-            write(b, lr_step=lr * eta, decay=decay, h=h)
 
     def _trial_loss(self, replay, closure, seed: int) -> float:
         """The loss at the point written last, agreed over the ranks: one sync per trial."""
@@ -460,21 +443,6 @@ class SaLSA(FlatOptimizer):
         s.searches += 1
         s.trials += found.trials
         self._finish(StepInfo(True, found.trials, found.accepted, False, found.eta, lr_scale))
-
-    def _abort(self) -> None:
-        """Back to the step's starting point, the moments untouched (every bucket, even if one
-        of them fails to move: the exception that follows is the first one)."""
-        errors = []
-        for b, h in zip(self._buckets, self._hypers):
-            try:
-                if self.keep_backup:
-                    b.abort_search()
-                else:
-                    self._backend.lean_restore(b, h=h)
-            except BaseException as e:  # (keep restoring the others)
-                errors.append(e)
-        if errors:
-            raise errors[0]
 
     def _skip(self, out, warn: bool = True):
         """Nothing changes; counted. (Overflow skips under a GradScaler are routine: no warning.)"""

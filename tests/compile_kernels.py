@@ -73,7 +73,7 @@ def _bucket(dtype, layout: str, direction: str):
 
 
 def _salsa_launches(dtype, layout: str, direction: str, use_mv: bool) -> None:
-    from salsa_fast.backends import Hyper, triton_ops
+    from salsa_fast.backends import FIRST, MOVE, RESTORE, Hyper, triton_ops
     from salsa_fast.step_state import StepState
 
     b = _bucket(dtype, layout, direction)
@@ -82,13 +82,10 @@ def _salsa_launches(dtype, layout: str, direction: str, use_mv: bool) -> None:
     triton_ops.probe(b, h, loss)
     triton_ops.probe(b, h)
     triton_ops.plain_step(b, lr_step=0.1, decay=0.01, h=h, count_skip=True)
-    if layout.startswith("lean"):  # keep_backup=False
+    if layout.startswith("lean"):  # keep_backup=False: the norm, then the moves a MovingLine makes
         triton_ops.lean_norm(b, h=h)
-        triton_ops.lean_trial(b, lr_step=0.1, decay=0.01, h=h)
-        triton_ops.lean_trial(b, lr_step=0.05, decay=0.01, h=h)
-        triton_ops.lean_restore(b, h=h)
-        triton_ops.lean_momentum_point(b, lr_step=0.1, decay=0.01, h=h)
-        triton_ops.lean_restore(b, h=h)
+        for mode, momentum in ((FIRST, False), (MOVE, False), (RESTORE, False), (FIRST, True), (RESTORE, True)):
+            triton_ops.lean_move(b, mode=mode, momentum=momentum, s=0.1, decay=0.01, h=h)
     else:
         triton_ops.search_begin(b, lr_step=0.1, decay=0.01, h=h)
         triton_ops.search_trial(b, lr_step=0.1, decay=0.01, h=h)

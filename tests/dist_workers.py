@@ -22,6 +22,7 @@ from multiprocess import finish, init
 from torch import nn
 
 from salsa_fast import LABPAL, SaLSA
+from salsa_fast import testing
 
 STEPS = 40
 BATCH = 64
@@ -143,7 +144,7 @@ def _train(rank, world, kind, name, backend, bucket_view) -> dict:
         warnings.simplefilter("always")
         opt = OPTIMIZERS[name](model.parameters(), backend=backend)
         train_shards(model, opt, rank, world, 0, STEPS, calls)
-    return result(module, opt, calls, sharded=[b.sharded for b in opt._buckets], warnings=[str(w.message) for w in caught],
+    return result(module, opt, calls, sharded=[b.sharded for b in testing.buckets(opt)], warnings=[str(w.message) for w in caught],
                   probe=reduction_probe(kind, rank))  # fmt: skip
 
 

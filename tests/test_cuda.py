@@ -11,6 +11,7 @@ from helpers import advance_until, batches, digits, make_closure, max_abs_diff, 
 from torch import nn
 
 from salsa_fast import LABPAL, SaLSA, SaLSAWarning
+from salsa_fast import testing
 
 pytestmark = cuda
 
@@ -90,7 +91,7 @@ def test_non_finite_gradient_is_skipped_on_the_device(backend):
     sync, here ``state_dict()``."""
     model, opt, step = _up_to_a_non_search_step(backend)
     before = [p.detach().clone() for p in model.parameters()]
-    steps = opt._scalars.step
+    steps = testing.scalars(opt).step
     opt.zero_grad()
     opt.step(_poisoned(model, step))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -3,7 +3,7 @@ skips end, launches that fail without leaving a trace, and the non-search step's
 
 On CUDA a non-search step never syncs: the host does not learn that the device skipped a
 non-finite step until the next search (see ``salsa_fast.step_state``). On CPU the optimizer
-reads that count after every step; setting ``opt._host_checks = False`` makes it wait as it
+reads that count after every step; ``testing.defer_host_reads(opt)`` makes it wait as it
 does on CUDA, and the Triton kernels run in the interpreter, so both paths can be compared here.
 """
 
@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from salsa_fast import SaLSA, SaLSAWarning
+from salsa_fast import testing
 
 pytest.importorskip("triton")
 interpreter = pytest.importorskip("triton.runtime.interpreter")
@@ -40,25 +41,28 @@ def _run(backend, host_checks, steps=80, keep_backup=True):
     how many searches were undone (for a non-finite search step, or one no longer due)."""
     model = mlp()
     opt = SaLSA(_two_groups(model), backend=backend, keep_backup=keep_backup)
-    opt._host_checks = host_checks
-    aborted = []
-    abort = opt._abort
-    opt._abort = lambda: (aborted.append(True), abort())[1]
+    testing.defer_host_reads(opt, not host_checks)
     x, _ = digits()
     counter, params, calls, warned = [0], [], [], []
     torch.manual_seed(0)
-    for step, idx in enumerate(batches(len(x), steps)):
-        closure = make_closure(model, "digits", idx, torch.float32, counter)
-        if step in POISONED:
-            closure = poisoned(model, closure, POISONED[step])
-        opt.zero_grad()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", SaLSAWarning)
-            opt.step(closure)
-        warned += [step] * sum("non-finite" in str(w.message) for w in caught)
-        params.append([p.detach().clone() for p in model.parameters()])
-        calls.append(counter[0])
-    return opt, params, calls, warned, len(aborted)
+    with testing.undone_searches(opt) as undone:
+        for step, idx in enumerate(batches(len(x), steps)):
+            _one_step(opt, model, step, idx, counter, params, calls, warned)
+    return opt, params, calls, warned, len(undone)
+
+
+def _one_step(opt, model, step, idx, counter, params, calls, warned) -> None:
+    """One step of :func:`_run`, recording what it compares."""
+    closure = make_closure(model, "digits", idx, torch.float32, counter)
+    if step in POISONED:
+        closure = poisoned(model, closure, POISONED[step])
+    opt.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SaLSAWarning)
+        opt.step(closure)
+    warned += [step] * sum("non-finite" in str(w.message) for w in caught)
+    params.append([p.detach().clone() for p in model.parameters()])
+    calls.append(counter[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -95,12 +99,12 @@ def test_device_skip_is_reported_by_the_next_sync(backend):
     for host_checks in (True, False):
         model = mlp()
         opt = SaLSA(model.parameters(), backend=backend)
-        opt._host_checks = host_checks
+        testing.defer_host_reads(opt, not host_checks)
         x, _ = digits()
         counter = [0]
         plan = batches(len(x), 300)
         step = advance_until(opt, lambda i: make_closure(model, "digits", plan[i], torch.float32, counter), False)
-        before = opt._scalars.step
+        before = testing.scalars(opt).step
         opt.zero_grad()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SaLSAWarning)
@@ -169,8 +173,8 @@ def test_a_failed_launch_leaves_parameters_and_state_as_they_were(monkeypatch, f
     bucket's first pass, after the first bucket's has written its trial point.)"""
     model = mlp() if buckets == 1 else _MixedMLP()
     opt = SaLSA(model.parameters(), backend="triton", keep_backup=keep_backup)
-    opt._host_checks = False  # the CUDA path
-    assert len(opt._buckets) == buckets
+    testing.defer_host_reads(opt)  # the CUDA path
+    assert len(testing.buckets(opt)) == buckets
     x, _ = digits()
     counter = [0]
     plan = batches(len(x), 300)
@@ -185,7 +189,7 @@ def test_a_failed_launch_leaves_parameters_and_state_as_they_were(monkeypatch, f
     monkeypatch.undo()
     opt.zero_grad()
     loss = opt.step(make_closure(model, "digits", plan[step + 1], torch.float32, counter))
-    assert torch.isfinite(loss) and opt._scalars.step == snap[2]["step"] + 1
+    assert torch.isfinite(loss) and testing.scalars(opt).step == snap[2]["step"] + 1
 
 
 # -- the non-search step's own work -------------------------------------------------------------
@@ -236,7 +240,7 @@ def test_non_search_step_stays_within_its_operation_budget(monkeypatch, groups):
     params = list(model.parameters())
     param_groups = [{"params": params}] if groups == 1 else [{"params": params[:4]}, {"params": params[4:], "lr": 0.3}]
     opt = SaLSA(param_groups, backend="triton")
-    opt._host_checks = False
+    testing.defer_host_reads(opt)
     x = torch.randn(32, 16)
 
     def closure(backwards=False):
@@ -250,5 +254,5 @@ def test_non_search_step_stays_within_its_operation_budget(monkeypatch, groups):
     with _CountOps(monkeypatch) as counter:
         opt.step(counter.closure(closure))
     assert not opt.last_step.searched
-    assert counter.launches <= 2 * len(opt._buckets), counter.launches
+    assert counter.launches <= 2 * len(testing.buckets(opt)), counter.launches
     assert len(counter.ops) <= 6 + 2 * groups, "\n".join(counter.ops)

@@ -15,6 +15,7 @@ import torch
 from helpers import mlp, train
 
 from salsa_fast import LABPAL, SaLSA
+from salsa_fast import testing
 
 OPTIMIZERS = {
     "SaLSA": lambda params, **kw: SaLSA(params, **kw),
@@ -88,9 +89,9 @@ def test_a_labpal_copy_restarts_a_measurement_in_progress():
     model = mlp(torch.float64)
     opt = LABPAL(model.parameters(), measure_batches=4)
     train(model, opt, 2, dtype=torch.float64)
-    assert opt.measuring and len(opt._measurement) == 2
+    assert opt.measuring and len(testing.measurement(opt)) == 2
     copied = copy.deepcopy(opt)
-    assert copied.measuring and copied._measurement == [] and copied.stats["calls"] == 2
+    assert copied.measuring and testing.measurement(copied) == [] and copied.stats["calls"] == 2
 
 
 # -- state under keys that are not parameters ------------------------------------------------------

@@ -12,6 +12,7 @@ from torch import nn
 
 from salsa_fast import SaLSA, SaLSAWarning
 from salsa_fast.salsa_reference import SaLSAReference
+from salsa_fast import testing
 
 
 def _inside(t, flat):
@@ -30,7 +31,7 @@ def test_parameters_own_their_storage_and_gradients_are_views(backend):
     model = mlp()
     where = [(p.data_ptr(), p.untyped_storage().data_ptr()) for p in model.parameters()]
     opt = SaLSA(model.parameters(), backend=backend)
-    (bucket,) = opt._buckets
+    (bucket,) = testing.buckets(opt)
     assert all(p.grad is None for p in model.parameters())  # grads: views from the first step on
     train(model, opt, 12)
     # the optimizer wrote into the parameters in place: same tensors, same storages
@@ -199,7 +200,7 @@ def test_model_to_another_dtype_after_the_optimizer_was_built():
     before = [{k: v.clone() for k, v in s.items()} for s in opt.state_dict()["state"].values()]
     model.double()
     train(model, opt, 1, dtype=torch.float64, start=10)  # repacks, then steps
-    assert [b.dtype for b in opt._buckets] == [torch.float64]
+    assert [b.dtype for b in testing.buckets(opt)] == [torch.float64]
     assert all(p.dtype == torch.float64 and _own_storage(p) for p in model.parameters())
     # the moments came along (fp32 -> fp64 is exact), then took one Adam update with this
     # step's gradient (still in p.grad: the trials run without backward). fp64, about three
@@ -302,7 +303,7 @@ def test_add_param_group_mid_training():
 
     model, opt, r = run(SaLSA)
     ref_model, _, ref_r = run(SaLSAReference)  # the twin: per-parameter state, lazily created
-    assert len(opt._buckets) == 2
+    assert len(testing.buckets(opt)) == 2
     # the head keeps its moments, the body starts from zero moments at lr 0.5: the same closure
     # calls and parameters as the twin (fp64, 20 steps: 1e-12, as the other twin comparisons)
     assert r.calls == ref_r.calls

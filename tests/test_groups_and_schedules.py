@@ -8,6 +8,7 @@ from helpers import max_abs_diff, mlp, train
 
 from salsa_fast import SaLSA, StepInfo
 from salsa_fast.salsa_reference import SaLSAReference
+from salsa_fast import testing
 
 
 def _groups(model, lr=(1.0, 0.3), wd=(0.0, 0.05)):
@@ -188,7 +189,7 @@ def test_labpal_momentum_follows_the_groups_between_measurements():
     seen = []
     for start in range(40):
         group_momentum = opt.param_groups[0]["momentum"]
-        mid_measurement = opt.measuring and len(opt._measurement) > 0
+        mid_measurement = opt.measuring and len(testing.measurement(opt)) > 0
         before = opt.momentum
         run = train(model, opt, 1, dtype=torch.float64, start=start, rng_seed=start)
         # a new value takes effect at once, except inside a measurement, whose line must not change

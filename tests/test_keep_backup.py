@@ -13,6 +13,7 @@ from torch import nn
 
 from salsa_fast import LABPAL, SaLSA
 from salsa_fast.profiling import live_storages
+from salsa_fast import testing
 
 pytest.importorskip("salsa_fast.backends.triton_ops", reason="Triton is not installed")
 
@@ -158,7 +159,9 @@ def test_a_closure_that_raises_mid_search_leaves_the_parameters(failure, backend
     for k, v in opt.state[next(iter(model.parameters()))].items():
         assert torch.equal(v, state[k])
     assert opt.state_dict()["param_groups"][0]["salsa"] == scalars
-    assert all(b.lean_at is None and not b.scratch for b in opt._buckets)
+    line = testing.line(opt)  # (every bucket back at p0, the search's work buffers gone)
+    assert line.at is None and line.places == [None] * len(line.buckets)
+    assert all(not b.scratch for b in testing.buckets(opt))
     train(model, opt, 3, dtype=torch.float64, start=3)  # and training goes on
 
 
@@ -230,7 +233,7 @@ def test_labpal_same_decisions_as_the_default(options, backend):
     assert lean.stats["measurements"] >= 2
     assert lean.step_size == pytest.approx(fast.step_size, rel=1e-9)
     assert max_abs_diff(a, b) <= 1e-9
-    assert all(bk.backup is None for bk in lean._buckets)
+    assert all(bk.backup is None for bk in testing.buckets(lean))
 
 
 def test_labpal_holds_no_backup_between_steps():

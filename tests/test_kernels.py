@@ -16,6 +16,8 @@ from torch import nn
 from salsa_fast import SaLSA
 from salsa_fast.backends import Hyper, torch_ops
 from salsa_fast.flat import FlatBucket
+from salsa_fast.salsa_line import MovingLine, Point
+from salsa_fast.salsa_scalars import Writes
 from salsa_fast.step_state import StepState
 
 triton_ops = pytest.importorskip("salsa_fast.backends.triton_ops", reason="Triton is not installed")
@@ -135,24 +137,31 @@ def test_lean_search_passes(dtype, direction, use_mv):
     assert param_table(a).f_align < 16
     h = _hyper(direction, use_mv)
     pre = param_values(a)
-    pp_a, pp_b = triton_ops.lean_norm(a, h=h), torch_ops.lean_norm(b, h=h)
+    line_a, line_b = MovingLine(triton_ops, [a], [h]), MovingLine(torch_ops, [b], [h])
+    (pp_a,), (pp_b,) = line_a.begin(_point(0.5)), line_b.begin(_point(0.5))
     assert torch.equal(param_values(a), pre) and torch.equal(param_values(b), pre)
     assert_sums_close(pp_a, pp_b, _products(b), b.state_dtype)
     visited = 0.0
     for lr in (0.5, 0.4, 1e-3):
-        triton_ops.lean_trial(a, lr_step=lr, decay=0.02, h=h)
-        torch_ops.lean_trial(b, lr_step=lr, decay=0.02, h=h)
+        line_a.to(_point(lr))
+        line_b.to(_point(lr))
         close_buckets(a, b, dtype)
         visited = max(visited, float(param_values(a).abs().max()))
-    for ops, bucket in ((triton_ops, a), (torch_ops, b)):
-        ops.lean_restore(bucket, h=h)
-        assert bucket.lean_at is None
+    for line, bucket in ((line_a, a), (line_b, b)):
+        line.back()
+        assert line.places == [None]
         torch.testing.assert_close(param_values(bucket), pre, rtol=0, atol=8 * torch.finfo(dtype).eps * visited)
-    for ops, bucket in ((triton_ops, a), (torch_ops, b)):
-        ops.lean_momentum_point(bucket, lr_step=0.2, decay=0.02, h=h)
-        ops.search_commit(bucket, h=h)
-        assert bucket.lean_at is None and bucket.backup is None
+    for line, bucket in ((line_a, a), (line_b, b)):
+        line.begin(_point(0.2))
+        line.to(_point(0.2, momentum=True))
+        line.commit()
+        assert line.places == [None] and bucket.backup is None
     close_buckets(a, b, dtype)
+
+
+def _point(lr_step: float, decay: float = 0.02, momentum: bool = False) -> Point:
+    """A point of a one-bucket line: ``p0 * (1 - decay) - lr_step * d``."""
+    return Point(lr_step, Writes([1.0], [decay]), momentum)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -308,11 +317,12 @@ def test_lean_table_rows_of_several_blocks(dtype):
     for ops, bk in ((triton_ops, a), (torch_ops, b)):
         ops.plain_step(bk, lr_step=0.03, decay=0.01, h=h)
     close_buckets(a, b, dtype)
-    pp = [float(ops.lean_norm(bk, h=h)) for ops, bk in ((triton_ops, a), (torch_ops, b))]
+    lines = [MovingLine(triton_ops, [a], [h]), MovingLine(torch_ops, [b], [h])]
+    pp = [float(line.begin(_point(0.2, 0.01))[0]) for line in lines]
     assert_sums_close(*pp, _products(b), b.state_dtype)
-    for ops, bk in ((triton_ops, a), (torch_ops, b)):
-        ops.lean_trial(bk, lr_step=0.2, decay=0.01, h=h)
-        ops.lean_trial(bk, lr_step=0.1, decay=0.01, h=h)
+    for line in lines:
+        line.to(_point(0.2, 0.01))
+        line.to(_point(0.1, 0.01))
     close_buckets(a, b, dtype)
     for ops, bk in ((triton_ops, a), (torch_ops, b)):
         ops.labpal_update(bk, bk.grad, count=1, momentum=0.5, scale=0.3, coef=None, ok=None)

@@ -15,6 +15,7 @@ from torch import nn
 from salsa_fast import LABPAL, SaLSAWarning
 from salsa_fast.labpal import H, parabola_step
 from salsa_fast.labpal_reference import LABPALReference
+from salsa_fast import testing
 
 DIGITS = dict(training_set_size=1797, batch_size=64)
 # Frequent measurements and a moderate cap keep the dynamics tame enough that float64 runs of
@@ -229,7 +230,7 @@ def test_step_is_the_window_mean_after_warmup():
     model = mlp(torch.float64)
     opt = LABPAL(model.parameters(), **{**BRISK, "window": 3})
     train(model, opt, 300, dtype=torch.float64)
-    history = opt._scalars.history
+    history = testing.scalars(opt).history
     assert 1 <= len(history) <= 3
     assert opt.step_size == pytest.approx(sum(history) / len(history))
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from salsa_fast import SaLSA, SaLSAWarning
 from salsa_fast.salsa_reference import SaLSAReference
+from salsa_fast import testing
 
 
 def _closure(model, backwards_hook=None, value_hook=None):
@@ -269,7 +270,7 @@ def test_several_dtypes_one_buffer_each():
 
     x, y = digits()
     opt = SaLSA(model.parameters())
-    assert sorted(str(b.dtype) for b in opt._buckets) == ["torch.bfloat16", "torch.float32", "torch.float64"]
+    assert sorted(str(b.dtype) for b in testing.buckets(opt)) == ["torch.bfloat16", "torch.float32", "torch.float64"]
 
     def closure(backwards=False):
         loss = nn.functional.cross_entropy(forward(x[:64]), y[:64])

@@ -12,6 +12,7 @@ from helpers import as_previous_release, mlp, train, with_scalars
 
 from salsa_fast import LABPAL, SaLSA
 from salsa_fast.backends import Backend, torch_ops
+from salsa_fast import testing
 
 OPTIMIZERS = {
     "SaLSA": lambda params: SaLSA(params),
@@ -172,7 +173,7 @@ def _bad_values(name):
     opt = OPTIMIZERS[name]([torch.zeros(2, requires_grad=True)])
     cases = []
     for f in fields(opt.Scalars):
-        value = getattr(opt._scalars, f.name)
+        value = getattr(testing.scalars(opt), f.name)
         if isinstance(value, bool):
             cases += [(f.name, "yes")]
         elif isinstance(value, int):

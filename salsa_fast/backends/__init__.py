@@ -74,18 +74,13 @@ class Backend(Protocol):
     def search_commit(self, b: FlatBucket, *, h: Hyper) -> None:
         """The search is decided: write the moments, end the search (``p`` stays)."""
 
-    # -- SaLSA's search without a backup (keep_backup=False; see backends.lean)
+    # -- SaLSA's search without a backup (keep_backup=False; see salsa_fast.salsa_line.MovingLine)
     def lean_norm(self, b: FlatBucket, *, h: Hyper) -> torch.Tensor:
         """``sum(g * d)`` (0-dim); the parameters are not touched."""
 
-    def lean_trial(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
-        """Move ``p`` to a point along the search direction."""
-
-    def lean_momentum_point(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
-        """Move ``p`` to the point along the momentum direction."""
-
-    def lean_restore(self, b: FlatBucket, *, h: Hyper) -> None:
-        """Move ``p`` back to ``p0`` and end the search."""
+    def lean_move(self, b: FlatBucket, *, mode: int, momentum: bool, s: float, decay: float, h: Hyper) -> None:
+        """One move of ``p`` along the search (``momentum``: the momentum) direction, ``mode``
+        ``FIRST`` (from ``p0``), ``MOVE`` (along the line) or ``RESTORE`` (back to ``p0``)."""
 
     # -- LABPAL (``D = src / count + momentum * exp_avg``, rebuilt by every pass)
     def labpal_sums(self, b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +96,7 @@ class Backend(Protocol):
 
 
 NAMES = ("auto", "triton", "torch")
+FIRST, MOVE, RESTORE = 0, 1, 2  # lean_move's modes: p = p*(1-decay) - s*d;  p -= s*d;  p = (p + s*d) / (1-decay)
 
 
 def _interpreting() -> bool:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..flat import FlatBucket
-from . import Hyper, cpu_compiled, lean
+from . import FIRST, RESTORE, Hyper, cpu_compiled
 
 name = "torch"
 
@@ -269,9 +269,9 @@ def search_commit(b: FlatBucket, *, h: Hyper) -> None:
 
 
 # -- the search without a backup (keep_backup=False) -------------------------------------------
-# The parameters move from point to point along the direction (see salsa_fast/kernels/
-# lean_search.py for the three moves); the direction is computed once per search into a work
-# buffer that is dropped with the scratch when the search ends.
+# The parameters move from point to point along the direction (salsa_fast.salsa_line.MovingLine
+# decides the moves); the direction is computed once per search into a work buffer that is
+# dropped with the scratch when the search ends.
 
 
 @torch.no_grad()
@@ -295,23 +295,21 @@ def _lean_direction(b: FlatBucket, momentum: bool, h: Hyper) -> torch.Tensor:
 
 @torch.no_grad()
 def lean_move(b: FlatBucket, *, mode: int, momentum: bool, s: float, decay: float, h: Hyper) -> None:
-    """One move (``lean.FIRST``, ``MOVE`` or ``RESTORE``) along the search or momentum direction."""
+    """One move (``FIRST``, ``MOVE`` or ``RESTORE``) along the search or momentum direction."""
     d = _lean_direction(b, momentum, h)
     widened = None if b.dtype == b.state_dtype else b.copy_params_to(_buffer(b, "p"))
     p, d_views = (b.tensors(), b.views_of(d)) if widened is None else ([widened], [d])
-    if mode == lean.RESTORE:
+    if mode == RESTORE:
         torch._foreach_add_(p, d_views, alpha=s)
         if decay:
             torch._foreach_div_(p, 1 - decay)
     else:
-        if mode == lean.FIRST and decay:
+        if mode == FIRST and decay:
             torch._foreach_mul_(p, 1 - decay)
         torch._foreach_add_(p, d_views, alpha=-s)
     if widened is not None:
         b.copy_params_from(widened)
 
-
-lean_trial, lean_momentum_point, lean_restore = lean.passes(lean_move)
 
 
 # -- LABPAL's passes ---------------------------------------------------------------------------

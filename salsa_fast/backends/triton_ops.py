@@ -12,7 +12,7 @@ import torch
 from ..flat import FlatBucket
 from ..kernels import adam_step, labpal, lean_search, probe as probe_kernel, search
 from ..kernels.reduce import finish
-from . import Hyper, lean
+from . import Hyper
 
 name = "triton"
 
@@ -47,11 +47,11 @@ def search_commit(b: FlatBucket, *, h: Hyper) -> None:
     b.end_search()
 
 
-# the search without a backup (see salsa_fast.backends.lean)
+# the search without a backup (salsa_fast.salsa_line.MovingLine decides the moves)
 lean_norm = lean_search.norm
 
 
-lean_trial, lean_momentum_point, lean_restore = lean.passes(lean_search.move)
+lean_move = lean_search.move
 
 
 # LABPAL's passes (see salsa_fast.backends.torch_ops for their contracts)
