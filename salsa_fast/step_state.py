@@ -1,5 +1,6 @@
 """The numbers of a step that live on the device: the step count, Adam's bias corrections, the
-non-finite flag, and the count of steps the device skipped.
+non-finite flag, and the count of steps the device skipped (:class:`SkipLedger`, which LABPAL
+keeps for its updates too).
 
 On CUDA a non-search step must not sync, so the host cannot know whether the device skipped it
 (a non-finite loss or gradient). What that decision changes is therefore kept on the device,
@@ -20,8 +21,38 @@ import math
 import torch
 
 
-class StepState:
-    """The device-resident per-step numbers of one device.
+class SkipLedger:
+    """The steps (SaLSA) or updates (LABPAL) a device skipped that the host has not counted yet:
+    the device records them without a sync, the host reads the count along with a number it
+    must read anyway (a search's or a measurement's one sync, or ``state_dict()``), so reading
+    ``stats`` never syncs.
+
+    Kept between steps (8 bytes):
+        minus_skipped: fp64 0-dim, minus the uncounted skips (negative, so that SaLSA's step
+            count is one ``add``; SaLSA's Triton update decrements it itself).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.minus_skipped = torch.zeros((), dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def record(self, skipped: torch.Tensor) -> None:
+        """One more skip where ``skipped`` (a 0-dim device tensor: 0 or 1, or a bool) is set."""
+        self.minus_skipped.sub_(skipped.to(self.minus_skipped.dtype) if skipped.dtype == torch.bool else skipped)
+
+    def read_skipped(self) -> torch.Tensor:
+        """The uncounted skips as a 0-dim fp64 tensor (to be read with some other number)."""
+        return self.minus_skipped.neg()
+
+    def counted(self) -> None:
+        """The host has counted the skips it read."""
+        self.minus_skipped.zero_()
+
+
+class StepState(SkipLedger):
+    """The device-resident per-step numbers of one device: the ledger of skipped steps, and
+    what a step's kernels read.
 
     Kept between steps (8 bytes: ``keep_backup=False`` stays at Adam's memory):
         minus_skipped: fp64 0-dim, minus the number of steps the device skipped and the host
@@ -34,9 +65,8 @@ class StepState:
     """
 
     def __init__(self, device: torch.device, beta1: float, beta2: float) -> None:
-        self.device = torch.device(device)
+        super().__init__(device)
         self.beta1, self.beta2 = beta1, beta2
-        self.minus_skipped = torch.zeros((), dtype=torch.float64, device=device)
         self.end()
 
     @torch.no_grad()
@@ -69,15 +99,7 @@ class StepState:
 
     def count_skip(self) -> None:
         """Count this step as skipped if its flag is set (the Triton kernels do it themselves)."""
-        self.minus_skipped.sub_(self.flag)
-
-    def read_skipped(self) -> torch.Tensor:
-        """The uncounted skips as a 0-dim fp64 tensor (to be read with some other number)."""
-        return self.minus_skipped.neg()
-
-    def counted(self) -> None:
-        """The host has counted the skips it read."""
-        self.minus_skipped.zero_()
+        self.record(self.flag)
 
     @classmethod
     def at(cls, device, beta1: float, beta2: float, bias_step: float) -> StepState:
