@@ -198,6 +198,19 @@ class FlatOptimizer(StateDictMixin, Optimizer):
         """
         if self._ready:
             self._fold_pending_skips()  # (the counts live with the devices, which may change)
+        buckets = self._new_buckets()  # (none at all is fine: every parameter frozen for now)
+        self._carry_state_into(buckets)
+        self._buckets = buckets
+        self._all_params = [p for g in self.param_groups for p in g["params"]]
+        self._requires_grad = list(map(_requires_grad, self._all_params))
+        self._cuda_devices = sorted({b.device.index or 0 for b in buckets if b.device.type == "cuda"})
+        self._host_checks = all(b.device.type == "cpu" for b in buckets)  # reading a number is free
+        self._backend = backends.resolve(self.backend_name, {b.device for b in buckets})
+        self._on_repack()
+
+    def _new_buckets(self) -> list[FlatBucket]:
+        """One bucket per (param group, device, dtype) of the parameters that require grad
+        (DTensor parameters, where the algorithm takes them, in buckets of their local shards)."""
         buckets: list[FlatBucket] = []
         for gi, group in enumerate(self.param_groups):
             by_key: dict[tuple, list[torch.Tensor]] = {}
@@ -207,35 +220,29 @@ class FlatOptimizer(StateDictMixin, Optimizer):
                     by_key.setdefault((kind, p.device, p.dtype), []).append(p)
             for (kind, _, _), plist in by_key.items():
                 buckets.append(kind(plist, gi, keep_second_moment=self.keep_second_moment, lean=not self.keep_backup))
-        # (none at all is fine: every parameter frozen for now, step() only calls the closure)
+        return buckets
 
-        # the state entries are views made at the last repack, with the layout the parameters had
-        # then: they read each element right even after a parameter changed its strides
+    @torch.no_grad()
+    def _carry_state_into(self, buckets: list[FlatBucket]) -> None:
+        """``self.state`` as views of the new buckets' buffers, holding what it held. (The old
+        entries are views made at the last repack, with the layout the parameters had then: they
+        read each element right even after a parameter changed its strides.)"""
         old_state = dict(self.state)
         self.state.clear()
-        with torch.no_grad():
-            for b in buckets:
-                views = {key: b.views_of(flat) for key, flat in self._state_buffers(b).items()}
-                for i, p in enumerate(b.params):
-                    entry = {key: v[i] for key, v in views.items()}
-                    for key, old in old_state.pop(p, {}).items():
-                        if key in entry:
-                            entry[key].copy_(old)
-                    self.state[p] = entry
+        for b in buckets:
+            views = {key: b.views_of(flat) for key, flat in self._state_buffers(b).items()}
+            for i, p in enumerate(b.params):
+                entry = {key: v[i] for key, v in views.items()}
+                for key, old in old_state.pop(p, {}).items():
+                    if key in entry:
+                        entry[key].copy_(old)
+                self.state[p] = entry
         in_groups = {p for g in self.param_groups for p in g["params"]}
         for key, entry in old_state.items():
             if not isinstance(key, torch.Tensor):  # not a parameter's (torch passes such keys through)
                 self.state[key] = entry
             elif key in in_groups:  # parked
                 self.state[key] = {k: t.detach().clone() for k, t in entry.items()}
-
-        self._buckets = buckets
-        self._all_params = [p for g in self.param_groups for p in g["params"]]
-        self._requires_grad = list(map(_requires_grad, self._all_params))
-        self._cuda_devices = sorted({b.device.index or 0 for b in buckets if b.device.type == "cuda"})
-        self._host_checks = all(b.device.type == "cpu" for b in buckets)  # reading a number is free
-        self._backend = backends.resolve(self.backend_name, {b.device for b in buckets})
-        self._on_repack()
 
     def _check_layout(self) -> None:
         """Notice what changed behind our back since the last step and repair it."""

@@ -55,6 +55,22 @@ class StateDictMixin:
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._check_layout_of(state_dict)
+        scalars = checked_scalars(self.Scalars, self._saved_scalars(state_dict), self.entry)
+        index_of = {
+            p: i for g, sg in zip(self.param_groups, state_dict["param_groups"]) for p, i in zip(g["params"], sg["params"])
+        }
+        copies = self._checked_copies(state_dict["state"], index_of)
+        with torch.no_grad():  # (from here on nothing fails: everything was checked)
+            for target, value in copies:
+                target.zero_() if value is None else target.copy_(value)
+        self._take_groups_and_scalars(state_dict, set(index_of.values()), scalars)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_layout_of(self, state_dict: dict[str, Any]) -> None:
+        """``ValueError`` unless ``state_dict`` has our layout: its entries, as many groups of as
+        many parameters, and group values in range."""
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"not a {self.name} state_dict: it has no {key!r} entry")
@@ -65,37 +81,38 @@ class StateDictMixin:
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
             self._check_group_values(sg, "the state_dict's param group")
-        scalars = checked_scalars(self.Scalars, self._saved_scalars(state_dict), self.entry)
 
-        index_of = {p: i for g, sg in zip(self.param_groups, saved_groups) for p, i in zip(g["params"], sg["params"])}
-        saved_indices = set(index_of.values())
-        copies = []  # (our tensor, saved tensor or None for zeros): all checked before any is made
+    def _checked_copies(self, saved_state: dict, index_of: dict) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(our state tensor, the saved one, or None for zeros)`` for every parameter's state,
+        each saved tensor checked (present, shaped like ours) before any copy is made."""
+        copies = []
         for p, entry in self.state.items():
             if not isinstance(p, torch.Tensor):
-                continue  # not a parameter's: replaced by the checkpoint's own below
-            saved = state_dict["state"].get(index_of[p])
+                continue  # not a parameter's: replaced by the checkpoint's own
+            i = index_of[p]
+            saved = saved_state.get(i)
             for key, target in entry.items():
                 if saved is None:  # no state saved for it (e.g. it was frozen then)
                     copies.append((target, None))
                     continue
                 value = saved.get(key)
                 if value is None:
-                    raise ValueError(f"the state of parameter {index_of[p]} has no {key!r}{self._missing_state_hint(key)}")
-                value = local_part(p, value, f"state {key!r} of parameter {index_of[p]}")
+                    raise ValueError(f"the state of parameter {i} has no {key!r}{self._missing_state_hint(key)}")
+                value = local_part(p, value, f"state {key!r} of parameter {i}")
                 if not isinstance(value, torch.Tensor) or value.shape != target.shape:
-                    raise ValueError(
-                        f"state {key!r} of parameter {index_of[p]} has shape "
-                        f"{tuple(getattr(value, 'shape', ()))}, expected {tuple(target.shape)}"
-                    )
+                    shape = tuple(getattr(value, "shape", ()))
+                    raise ValueError(f"state {key!r} of parameter {i} has shape {shape}, expected {tuple(target.shape)}")
                 copies.append((target, value))
-        with torch.no_grad():
-            for target, value in copies:
-                target.zero_() if value is None else target.copy_(value)
-        # state under other keys than the parameters' passes through, as torch's does
+        return copies
+
+    def _take_groups_and_scalars(self, state_dict: dict[str, Any], saved_indices: set, scalars: Any) -> None:
+        """The loaded checkpoint's group values, scalars and state under other keys than the
+        parameters' (passed through, as torch's load does; the checkpoint's ``param_names``
+        replace ours, as torch's)."""
         for key in [k for k in self.state if not isinstance(k, torch.Tensor)]:
             del self.state[key]
         self.state.update({k: v for k, v in state_dict["state"].items() if k not in saved_indices})
-        for g, sg in zip(self.param_groups, saved_groups):  # (saved param_names replace ours, as torch's)
+        for g, sg in zip(self.param_groups, state_dict["param_groups"]):
             g.update({k: v for k, v in sg.items() if k not in ("params", self.entry)})
         self._scalars = scalars
         for g in self.param_groups:
@@ -103,8 +120,6 @@ class StateDictMixin:
         self._shared.clear()
         self._follow_shared()
         self._on_load()
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
 
     def _scalars_entry(self) -> dict[str, Any]:
         """The run's scalars as a group holds them: numbers, flags, and lists written as text

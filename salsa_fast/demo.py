@@ -66,6 +66,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _step(opt, model, loss_fn, xb, yb, hist: History) -> torch.Tensor:
+    """One training step, as each optimizer is driven: SaLSA with its closure (recording its
+    step size and whether it searched), Adam after one backward."""
+    if not isinstance(opt, SaLSA):
+        opt.zero_grad()
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def closure(backwards=False):
+        loss = loss_fn(model(xb), yb)
+        if backwards:
+            loss.backward()
+        return loss
+
+    opt.zero_grad()
+    loss = opt.step(closure)
+    hist.step_sizes.append(opt.step_size)
+    hist.searched.append(opt.last_step.searched)
+    return loss
+
+
 def train(name, model, data, epochs, batch_size, seed, device, progress) -> History:
     x, y, x_test, y_test = data
     loss_fn = nn.CrossEntropyLoss()
@@ -81,24 +104,7 @@ def train(name, model, data, epochs, batch_size, seed, device, progress) -> Hist
         start = time.perf_counter()
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
-            xb, yb = x[idx], y[idx]
-            if salsa:
-
-                def closure(backwards=False):
-                    loss = loss_fn(model(xb), yb)
-                    if backwards:
-                        loss.backward()
-                    return loss
-
-                opt.zero_grad()
-                loss = opt.step(closure)
-                hist.step_sizes.append(opt.step_size)
-                hist.searched.append(opt.last_step.searched)
-            else:
-                opt.zero_grad()
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                opt.step()
+            loss = _step(opt, model, loss_fn, x[idx], y[idx], hist)
             hist.losses.append(loss.detach())
             hist.steps += 1
             bar.update()

@@ -52,6 +52,31 @@ _NEGATIVE = (
 )
 
 
+def _checked_betas(momentum) -> tuple[float, float, float]:
+    """``momentum`` as ``(beta1, beta2, beta3)``, each in [0, 1), or a ``ValueError`` naming it."""
+    try:
+        betas = tuple(float(b) for b in momentum)
+    except (TypeError, ValueError):
+        betas = ()
+    check(len(betas) == 3, "momentum", momentum, "must be three floats (beta1, beta2, beta3)")
+    for i, beta in enumerate(betas, 1):
+        check(0.0 <= beta < 1.0, f"momentum (beta{i})", momentum, f"beta{i} must be in [0, 1)")
+    return betas
+
+
+def _check_arguments(init_step_size, c, weight_decay, direction, growth, decrease, eps, max_backtracks, max_interval):
+    """A ``ValueError`` naming the first of SaLSA's search arguments out of its range."""
+    check(is_real(init_step_size) and init_step_size > 0, "init_step_size", init_step_size, "must be > 0")
+    check(is_real(c) and c > 0, "c", c, "must be > 0")
+    check(is_real(eps) and eps > 0, "eps", eps, "must be > 0")
+    check(is_real(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0")
+    check(is_real(growth) and growth > 1 and math.isfinite(growth), "growth", growth, "must be > 1")
+    check(is_real(decrease) and 0 < decrease < 1, "decrease", decrease, "must be in (0, 1)")
+    check(is_int(max_backtracks) and max_backtracks >= 1, "max_backtracks", max_backtracks, "must be an int >= 1")
+    check(is_real(max_interval) and max_interval > 0, "max_interval", max_interval, "must be > 0")
+    check(direction in ("adam", "sgd"), "direction", direction, "must be 'adam' or 'sgd'")
+
+
 class SaLSA(FlatOptimizer):
     r"""Stable Armijo Line Search Adaptation: Adam (or SGD) with no learning rate to tune.
 
@@ -130,21 +155,8 @@ class SaLSA(FlatOptimizer):
         grad_scaler=None,
         keep_backup: bool = True,
     ):
-        check(is_real(init_step_size) and init_step_size > 0, "init_step_size", init_step_size, "must be > 0")
-        check(is_real(c) and c > 0, "c", c, "must be > 0")
-        try:
-            beta1, beta2, beta3 = (float(b) for b in momentum)
-        except (TypeError, ValueError):
-            raise ValueError(f"invalid momentum={momentum!r}: must be three floats (beta1, beta2, beta3)") from None
-        for i, beta in enumerate((beta1, beta2, beta3), 1):
-            check(0.0 <= beta < 1.0, f"momentum (beta{i})", momentum, f"beta{i} must be in [0, 1)")
-        check(is_real(eps) and eps > 0, "eps", eps, "must be > 0")
-        check(is_real(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0")
-        check(is_real(growth) and growth > 1 and math.isfinite(growth), "growth", growth, "must be > 1")
-        check(is_real(decrease) and 0 < decrease < 1, "decrease", decrease, "must be in (0, 1)")
-        check(is_int(max_backtracks) and max_backtracks >= 1, "max_backtracks", max_backtracks, "must be an int >= 1")
-        check(is_real(max_interval) and max_interval > 0, "max_interval", max_interval, "must be > 0")
-        check(direction in ("adam", "sgd"), "direction", direction, "must be 'adam' or 'sgd'")
+        beta1, beta2, beta3 = _checked_betas(momentum)
+        _check_arguments(init_step_size, c, weight_decay, direction, growth, decrease, eps, max_backtracks, max_interval)
         resolve_group(process_group)  # a group without torch.distributed is a ValueError
 
         self.init_step_size = float(init_step_size)

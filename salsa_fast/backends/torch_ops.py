@@ -122,47 +122,54 @@ def plain_step(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, count_s
 
 
 def _plain_update(b: FlatBucket, lr_step: float, decay: float, h: Hyper) -> None:
-    flag = h.state.flag
     if _fused_ok(b) and lr_step > 0:
-        # the device's step count, which the kernel corrects with (fp32 on CUDA, as torch's
-        # fused Adam keeps it; the CPU kernel reads any float)
-        step = h.state.bias_step if b.device.type == "cpu" else h.state.bias_step.float()
-        # torch's AdamW decays by lr * weight_decay with the *new* step size; ours decays with
-        # the old one, so hand it the ratio.
-        kw = dict(lr=lr_step, beta1=h.beta1, beta2=h.beta2, weight_decay=decay / lr_step, eps=h.eps,
-                  amsgrad=False, maximize=False, grad_scale=None, found_inf=flag)  # fmt: skip
-        # straight into the parameters, one pass over the list (torch's fused kernel walks each
-        # tensor's memory linearly, so a strided parameter takes the detour below)
-        if b.dtype == b.state_dtype and b.dense:
-            n = len(b.params)
-            torch._fused_adamw_(
-                b.tensors(), b.views("grad"), b.views("exp_avg"), b.views("exp_avg_sq"), [], [step] * n, **kw
-            )
-            return
-        # The fused kernel wants one dtype throughout: low-precision parameters take a detour
-        # through the state dtype (fp32 math, one rounding on the way back).
-        p, g = _params_in_state_dtype(b), _in_state_dtype(b, b.grad, "g")
-        torch._fused_adamw_([p], [g], [b.exp_avg], [b.exp_avg_sq], [], [step], **kw)
-        b.copy_params_from(p)
-        return
+        _fused_update(b, lr_step, decay, h)
+    elif b.device.type == "cpu":  # reading the flag is free: in place, or nothing at all
+        if not h.state.flag.item():
+            _update_in_place(b, lr_step, decay, h)
+    else:
+        _update_unless_flagged(b, lr_step, decay, h)
 
-    if b.device.type == "cpu":  # reading the flag is free: in place, or nothing at all
-        if flag.item():
-            return
-        g = _in_state_dtype(b, b.grad, "g")
-        p = _params_in_state_dtype(b)
-        if decay:
-            p.mul_(1 - decay)
-        _commit_moments(b, g, h)
-        m, v = b.exp_avg.clone(), None if b.exp_avg_sq is None else b.exp_avg_sq.clone()
-        p.add_(_momentum_direction(m, v, h), alpha=-lr_step)
-        b.copy_params_from(p)
-        return
 
-    # Device-side skip without the fused kernel: compute out of place, then select.
+def _fused_update(b: FlatBucket, lr_step: float, decay: float, h: Hyper) -> None:
+    """torch's fused AdamW kernel, which skips where the step's flag is set."""
+    # the device's step count, which the kernel corrects with (fp32 on CUDA, as torch's fused
+    # Adam keeps it; the CPU kernel reads any float)
+    step = h.state.bias_step if b.device.type == "cpu" else h.state.bias_step.float()
+    # torch's AdamW decays by lr * weight_decay with the *new* step size; ours decays with the
+    # old one, so hand it the ratio.
+    kw = dict(lr=lr_step, beta1=h.beta1, beta2=h.beta2, weight_decay=decay / lr_step, eps=h.eps,
+              amsgrad=False, maximize=False, grad_scale=None, found_inf=h.state.flag)  # fmt: skip
+    # straight into the parameters, one pass over the list (torch's fused kernel walks each
+    # tensor's memory linearly, so a strided parameter takes the detour below)
+    if b.dtype == b.state_dtype and b.dense:
+        n = len(b.params)
+        torch._fused_adamw_(b.tensors(), b.views("grad"), b.views("exp_avg"), b.views("exp_avg_sq"), [], [step] * n, **kw)
+        return
+    # The fused kernel wants one dtype throughout: low-precision parameters take a detour
+    # through the state dtype (fp32 math, one rounding on the way back).
+    p, g = _params_in_state_dtype(b), _in_state_dtype(b, b.grad, "g")
+    torch._fused_adamw_([p], [g], [b.exp_avg], [b.exp_avg_sq], [], [step], **kw)
+    b.copy_params_from(p)
+
+
+def _update_in_place(b: FlatBucket, lr_step: float, decay: float, h: Hyper) -> None:
+    """The step's update without the fused kernel, in place (the flag was read: not set)."""
     g = _in_state_dtype(b, b.grad, "g")
     p = _params_in_state_dtype(b)
-    skip = flag.bool()
+    if decay:
+        p.mul_(1 - decay)
+    _commit_moments(b, g, h)
+    m, v = b.exp_avg.clone(), None if b.exp_avg_sq is None else b.exp_avg_sq.clone()
+    p.add_(_momentum_direction(m, v, h), alpha=-lr_step)
+    b.copy_params_from(p)
+
+
+def _update_unless_flagged(b: FlatBucket, lr_step: float, decay: float, h: Hyper) -> None:
+    """The device-side skip without the fused kernel: computed out of place, then selected."""
+    g = _in_state_dtype(b, b.grad, "g")
+    p = _params_in_state_dtype(b)
+    skip = h.state.flag.bool()
     m, v = _new_moments(b, g, h)
     new_p = p * (1 - decay) if decay else p.clone()
     new_p.add_(_momentum_direction(m.clone(), None if v is None else v.clone(), h), alpha=-lr_step)
