@@ -5,7 +5,7 @@ everything before it changes anything."""
 from __future__ import annotations
 
 from dataclasses import asdict, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,6 +18,9 @@ __all__ = ["StateDictMixin", "plain"]
 class StateDictMixin:
     """Saving and loading for :class:`~salsa_fast._flat_optimizer.FlatOptimizer` (which sets the
     names used here: ``name``, ``entry``, ``Scalars``, ``_scalars`` and the group checks)."""
+
+    # scalars a previous release saved under another name: {old name: present name}
+    renamed_scalars: ClassVar[dict[str, str]] = {}
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's layout: per-index state and param groups, every group also holding the
@@ -130,18 +133,21 @@ class StateDictMixin:
 
     def _saved_scalars(self, state_dict: dict[str, Any]) -> Any:
         """The run's scalars in a state_dict: in every param group, alike (else at its top level,
-        where checkpoints written before they moved into the groups hold them), lists read back."""
+        where checkpoints written before they moved into the groups hold them), under their
+        present names (:attr:`renamed_scalars`), lists read back."""
         in_groups = [sg.get(self.entry) for sg in state_dict["param_groups"]]
         if all(s is None for s in in_groups):
             if self.entry not in state_dict:
                 raise ValueError(f"not a {self.name} state_dict: neither its param groups nor itself hold a {self.entry!r} entry")
-            return state_dict[self.entry]
-        if any(_plain_scalars(s) != _plain_scalars(in_groups[0]) for s in in_groups):
+            saved = state_dict[self.entry]
+        elif any(_plain_scalars(s) != _plain_scalars(in_groups[0]) for s in in_groups):
             raise ValueError(f"the state_dict's param groups hold different {self.entry!r} entries: they must be alike")
-        saved = in_groups[0]
+        else:
+            saved = in_groups[0]
         if not isinstance(saved, dict):
             return saved  # (checked_scalars names it)
         lists = {f.name for f in fields(self.Scalars) if f.default_factory is list}
+        saved = {self.renamed_scalars.get(k, k): v for k, v in saved.items()}
         return {k: _list_from_text(v, f"{self.entry!r} entry has {k}") if k in lists and isinstance(v, str) else v
                 for k, v in saved.items()}  # fmt: skip
 

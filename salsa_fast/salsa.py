@@ -126,6 +126,7 @@ class SaLSA(FlatOptimizer):
     entry = "salsa"
     Scalars = Scalars
     global_keys = _GLOBAL_KEYS
+    renamed_scalars = {"step": "steps"}  # (checkpoints of the previous release)
     per_group_hint = (
         "SaLSA finds one step size for all groups, so only 'lr' (a multiplier on the step size) and "
         "'weight_decay' may differ per group ('betas' may be set, alike in every group, for schedulers)"
@@ -267,7 +268,7 @@ class SaLSA(FlatOptimizer):
             "search_interval": self.search_interval,
             "searched": float(self._last.searched),
             "trials": float(self._last.trials),
-            "steps": s.step,
+            "steps": s.steps,
             "forwards": s.forwards,
             "backwards": s.backwards,
             "searches": s.searches,
@@ -289,7 +290,7 @@ class SaLSA(FlatOptimizer):
             return
         s = self._scalars
         s.skipped += n
-        s.step -= n
+        s.steps -= n
         s.since_search -= n
         self._steps.counted()
         if just_now:  # (CPU: read right after the step)
@@ -313,15 +314,15 @@ class SaLSA(FlatOptimizer):
         grads_bad = self._scaler.unscale(self._buckets) if scaling else None
 
         s = self._scalars
-        k = s.step + 1  # (on CUDA: plus the skips the device made that the host has not read)
+        number = s.steps + 1  # k (on CUDA: plus the skips the device made that the host has not read)
         # Adam's bias corrections count one ahead of the steps, as the published package does;
         # each device subtracts the skips it has not reported (see salsa_fast.step_state)
-        self._steps.begin(float(max(1, k + 1)))
+        self._steps.begin(float(max(1, number + 1)))
         lrs = [float(g["lr"]) for g in self.param_groups]
         lr_scale, relative = split_lr(lrs)
-        st = Step(out, loss, seed, k, self._writes(lrs), self._writes(relative), lr_scale, grads_bad)
+        st = Step(out, loss, seed, number, self._writes(lrs), self._writes(relative), lr_scale, grads_bad)
         try:
-            if not self._searches(k, s.since_search + 1):
+            if not self._searches(number, s.since_search + 1):
                 with annotate("salsa.plain_step"):
                     result = self._plain_step(st)
             else:
@@ -340,9 +341,9 @@ class SaLSA(FlatOptimizer):
         lrs = [multipliers[b.group_index] for b in self._buckets]
         return Writes(lrs, [lr * float(groups[b.group_index]["weight_decay"]) * eta for b, lr in zip(self._buckets, lrs)])
 
-    def _searches(self, k: int, since: int) -> bool:
-        """Whether step ``k``, ``since`` steps after the last search, runs a line search."""
-        return not self.speed_up or k < _WARMUP_SEARCHES or since >= self.search_interval
+    def _searches(self, number: int, since: int) -> bool:
+        """Whether step ``number``, ``since`` steps after the last search, runs a line search."""
+        return not self.speed_up or number < _WARMUP_SEARCHES or since >= self.search_interval
 
     def _plain_step(self, st: Step):
         backend, s = self._backend, self._scalars
@@ -350,7 +351,7 @@ class SaLSA(FlatOptimizer):
         eta_try = s.step_size * self.growth
         for b, h, lr, decay, counts in zip(self._buckets, self._hypers, *st.update, self._counts_skip):
             backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, count_skip=counts)
-        s.step, s.since_search = st.k, s.since_search + 1
+        s.steps, s.since_search = st.number, s.since_search + 1
         s.forwards += 1
         s.backwards += 1
         self._finish(StepInfo(searched=False, step_size=s.step_size, lr_scale=st.lr_scale))
@@ -379,9 +380,9 @@ class SaLSA(FlatOptimizer):
         with self._replaying() as replay:
             try:
                 loss_v, pp_v, skipped = self._first_pass(st, first)
-                k = st.k - skipped
+                number = st.number - skipped
                 # the device skipped steps the host counted: without them, is this step still due?
-                demoted = skipped and not self._searches(k, s.since_search + 1)
+                demoted = skipped and not self._searches(number, s.since_search + 1)
                 finite = math.isfinite(loss_v) and math.isfinite(pp_v)
                 if demoted or not finite:
                     self._line.back()
@@ -392,10 +393,10 @@ class SaLSA(FlatOptimizer):
                 self._line.back()
                 raise
         if demoted:
-            return self._plain_step(st._replace(k=k))
+            return self._plain_step(st._replace(number=number))
         if not finite:
             return self._skip(st.out, warn=self._scaler is None or not self._scaler.enabled)
-        self._book_search(k, found, st.lr_scale)
+        self._book_search(number, found, st.lr_scale)
         return st.out
 
     def _first_pass(self, st: Step, first: Point) -> tuple[float, float, int]:
@@ -443,9 +444,9 @@ class SaLSA(FlatOptimizer):
             value = agree_on_loss(group, value.to(self._buckets[0].device, torch.float64))
         return float(value)
 
-    def _book_search(self, k: int, found: Found, lr_scale: float) -> None:
+    def _book_search(self, number: int, found: Found, lr_scale: float) -> None:
         s = self._scalars
-        s.step, s.since_search = k, 0
+        s.steps, s.since_search = number, 0
         s.norm_avg, s.decrease_avg = found.norm_avg, found.decrease_avg
         s.step_size = found.eta
         s.step_size_slow = s.step_size_slow * SLOW + found.eta * (1 - SLOW)

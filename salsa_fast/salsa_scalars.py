@@ -17,7 +17,7 @@ class Scalars:
     """Every global scalar of the algorithm and the run's counters (all host numbers)."""
 
     step_size: float = finite(1.0, 0.0, strict=True)  # eta: the step size the last search accepted
-    step: int = count()  # k: steps taken (skipped steps excluded)
+    steps: int = count()  # k: steps taken (skipped steps excluded)
     decrease_avg: float = finite(0.0)  # h: smoothed loss decrease
     norm_avg: float = finite(0.0, 0.0)  # s: smoothed preconditioned gradient norm
     step_size_slow: float = finite(1e-8, 0.0, strict=True)
@@ -56,7 +56,7 @@ class Step(NamedTuple):
     out: Any  # what the closure returned
     loss: torch.Tensor  # its loss (0-dim, detached)
     seed: int  # every closure call of the step runs under it
-    k: int  # the step's number (skips the device made that the host has not read included)
+    number: int  # the step's number k (skips the device made that the host has not read included)
     update: Writes  # with each group's lr: the parameters' update
     search: Writes  # with each group's lr relative to the largest: trials and the criterion's norm
     lr_scale: float  # the largest lr (update = lr_scale * relative * step size)

@@ -211,7 +211,7 @@ def max_abs_diff(a: nn.Module, b: nn.Module) -> float:
 def next_step_searches(opt) -> bool:
     """Whether SaLSA's next step will run a line search (mirrors its interval rule)."""
     s = testing.scalars(opt)
-    return s.step + 1 < 10 or s.since_search + 1 >= opt.search_interval
+    return s.steps + 1 < 10 or s.since_search + 1 >= opt.search_interval
 
 
 def poisoned(model, closure, what: str = "grad"):
@@ -234,7 +234,7 @@ def advance_until(opt, closure_at, searches: bool, min_steps: int = 12) -> int:
     ``min_steps`` steps and its next step will (``searches``) or will not run a search;
     returns the index of that next step's closure."""
     step = 0
-    while testing.scalars(opt).step < min_steps or next_step_searches(opt) != searches:
+    while testing.scalars(opt).steps < min_steps or next_step_searches(opt) != searches:
         opt.zero_grad()
         opt.step(closure_at(step))
         step += 1

@@ -104,7 +104,7 @@ def test_device_skip_is_reported_by_the_next_sync(backend):
         counter = [0]
         plan = batches(len(x), 300)
         step = advance_until(opt, lambda i: make_closure(model, "digits", plan[i], torch.float32, counter), False)
-        before = testing.scalars(opt).step
+        before = testing.scalars(opt).steps
         opt.zero_grad()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SaLSAWarning)
@@ -116,7 +116,7 @@ def test_device_skip_is_reported_by_the_next_sync(backend):
             warnings.simplefilter("always", SaLSAWarning)
             scalars = opt.state_dict()["param_groups"][0]["salsa"]
         assert bool(at_sync) != host_checks  # the warning comes with the count
-        assert scalars["skipped"] == 1 and scalars["step"] == before
+        assert scalars["skipped"] == 1 and scalars["steps"] == before
         assert opt.stats["skipped_steps"] == 1
 
 
@@ -189,7 +189,7 @@ def test_a_failed_launch_leaves_parameters_and_state_as_they_were(monkeypatch, f
     monkeypatch.undo()
     opt.zero_grad()
     loss = opt.step(make_closure(model, "digits", plan[step + 1], torch.float32, counter))
-    assert torch.isfinite(loss) and testing.scalars(opt).step == snap[2]["step"] + 1
+    assert torch.isfinite(loss) and testing.scalars(opt).steps == snap[2]["steps"] + 1
 
 
 # -- the non-search step's own work -------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_layout_is_torchs_per_index_layout():
         assert set(sd["state"][i]) == {"exp_avg", "exp_avg_sq"}
         for t in sd["state"][i].values():
             assert t.shape == p.shape and t.dtype == torch.float32
-    assert set(sd["param_groups"][0]["salsa"]) >= {"step_size", "step", "decrease_avg", "norm_avg", "step_size_slow",
+    assert set(sd["param_groups"][0]["salsa"]) >= {"step_size", "steps", "decrease_avg", "norm_avg", "step_size_slow",
                                 "step_size_fast", "since_search"}  # fmt: skip
     assert sd["param_groups"][0]["lr"] == 1.0
     assert sd["param_groups"][0]["step_size"] == opt.step_size
