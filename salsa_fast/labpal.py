@@ -9,7 +9,7 @@ to.
 
 Closure contract: SaLSA's. One ``step(closure)`` call per inference batch; the closure takes
 ``backwards`` and returns that batch's loss. The optimizer calls it with ``backwards=True``
-(training, and the first ``k`` calls of a measurement) or ``False`` (the rest of a
+(training, and the first ``accumulation`` calls of a measurement) or ``False`` (the rest of a
 measurement), and calls the stored closures of a measurement again at two other points on the
 line (two more for each try farther out, see :class:`LABPAL`), each under the seed of its own
 step, so dropout masks repeat.
@@ -17,27 +17,26 @@ step, so dropout masks repeat.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ._flat_optimizer import FlatOptimizer
-from .checks import check, is_int, is_real, positive
+from .checks import check, is_real
 from .closure import draw_seed
 from .distributed import agree_on_loss, agree_on_sums, resolve_group
 from .flat import FlatBucket
-from .labpal_scalars import Scalars
-from .labpal_line import LineMeasurement
+from .labpal_line import BackupLine, MovingLine
+from .labpal_measurement import Measuring
+from .labpal_scalars import TRUSTED_NORM, Scalars, settings
 from .parabola import H, parabola_step
+from .step_state import SkipLedger
 
 __all__ = ["LABPAL", "parabola_step"]
 
-TRUSTED_NORM = (1e-3, 100.0)  # directions with a norm outside are not measured (hard-coded there)
 
-
-class LABPAL(LineMeasurement, FlatOptimizer):
+class LABPAL(Measuring, FlatOptimizer):
     r"""Large-batch parabolic approximation line search.
 
     Args (reference name in parentheses):
@@ -52,10 +51,12 @@ class LABPAL(LineMeasurement, FlatOptimizer):
             Also a param-group entry, alike in every group, that schedulers with
             ``cycle_momentum`` move; a new value takes effect outside measurements.
         reuse_steps: updates between measurements (``amount_steps_to_reuse_lr``, 1000).
-        measure_batches: inference batches per measurement per unit of ``k``
+        measure_batches: inference batches per measurement per unit of ``accumulation``
             (``amount_batches_for_full_batch_loss_approximation``, 10).
         batch_size_schedule: ``(call, multiplier)`` entries; each sets
-            ``k = max(int(multiplier * noise_factor), 1)`` and forces a measurement.
+            ``accumulation = max(int(multiplier * noise_factor), 1)`` (the calls whose gradients
+            are averaged into one update: the training batch, in inference batches) and forces a
+            measurement.
         warmup_updates: updates that use each measured step directly
             (``amount_untrustworthy_initial_steps``, 400); after them a measurement is forced
             once, and steps are averaged over ``window`` measurements
@@ -96,6 +97,7 @@ class LABPAL(LineMeasurement, FlatOptimizer):
     name = "LABPAL"
     entry = "labpal"
     Scalars = Scalars
+    renamed_scalars = {"step": "step_size", "k": "accumulation"}  # (checkpoints of the previous release)
     global_keys = frozenset(
         "mode training_set_size batch_size update_step_adaptation reuse_steps measure_batches batch_size_schedule "
         "warmup_updates window sample_step max_step_size eps fit cap_sgd_updates backend keep_backup weight_decay "
@@ -132,49 +134,9 @@ class LABPAL(LineMeasurement, FlatOptimizer):
         process_group=None,
         trusted_norm=TRUSTED_NORM,
     ):
-        mode = mode.lower() if isinstance(mode, str) else mode
-        check(mode in ("nsgd", "sgd"), "mode", mode, "must be 'nsgd' or 'sgd'")
-        check(is_int(training_set_size) and training_set_size > 0, "training_set_size", training_set_size, "must be an int > 0")
-        check(is_int(batch_size) and batch_size > 0, "batch_size", batch_size, "must be an int > 0")
-        check(positive(update_step_adaptation), "update_step_adaptation", update_step_adaptation, "must be > 0")
-        check(is_real(momentum) and 0 <= momentum < 1, "momentum", momentum, "must be in [0, 1)")
-        for name, value in (("reuse_steps", reuse_steps), ("measure_batches", measure_batches), ("window", window)):
-            check(is_int(value) and value >= 1, name, value, "must be an int >= 1")
-        check(is_int(warmup_updates) and warmup_updates >= 0, "warmup_updates", warmup_updates, "must be an int >= 0")
-        check(positive(sample_step) and sample_step > H, "sample_step", sample_step, f"must be > {H}")
-        check(positive(max_step_size), "max_step_size", max_step_size, "must be > 0")
-        check(positive(eps), "eps", eps, "must be > 0")
-        check(fit in ("reference", "exact"), "fit", fit, "must be 'reference' or 'exact'")
-        check(isinstance(cap_sgd_updates, bool), "cap_sgd_updates", cap_sgd_updates, "must be a bool")
-        check(isinstance(trusted_norm, (tuple, list)) and len(trusted_norm) == 2 and all(map(is_real, trusted_norm))
-              and 0 <= trusted_norm[0] < trusted_norm[1], "trusted_norm", trusted_norm, "must be (low, high), 0 <= low < high")  # fmt: skip
-        resolve_group(process_group)  # a group without torch.distributed is a ValueError
-        try:
-            schedule = sorted((int(t), float(m)) for t, m in batch_size_schedule)
-        except (TypeError, ValueError):
-            raise ValueError(f"invalid batch_size_schedule={batch_size_schedule!r}: (call, multiplier) pairs") from None
-        check(all(t >= 0 and m > 0 for t, m in schedule), "batch_size_schedule", batch_size_schedule,
-               "calls must be >= 0 and multipliers > 0")  # fmt: skip
-
-        self.mode = mode
-        self.noise_factor = (128 / batch_size) * (training_set_size / 40000)
-        self.update_step_adaptation = float(update_step_adaptation)
-        self.momentum = float(momentum)
-        self.reuse_steps = reuse_steps
-        self.measure_batches = measure_batches
-        self.batch_size_schedule = schedule
-        self.warmup_updates = warmup_updates
-        self.window = window
-        self.sample_step = float(sample_step)
-        self.max_step_size = float(max_step_size)
-        self.eps = float(eps)
-        self.fit = fit
-        self.cap_sgd_updates = cap_sgd_updates
-        self.process_group = process_group
-        self.trusted_norm = (float(trusted_norm[0]), float(trusted_norm[1]))
+        self.__dict__.update(settings(locals()))  # mode, noise_factor, momentum, ...: see settings()
         self._scalars = Scalars()
         self._in_a_row = {"abandoned": 0, "rejected": 0}  # (for the warnings only: not saved)
-        self._loss_eps = 0.0  # the resolution (relative) of the measurement's loss dtype
         self._next_momentum: float | None = None  # a group's new momentum, applied between measurements
         super().__init__(params, dict(lr=1.0, momentum=self.momentum), backend=backend, keep_backup=keep_backup)
         self._pack()
@@ -183,11 +145,13 @@ class LABPAL(LineMeasurement, FlatOptimizer):
         return {
             **super()._transient(),
             "_measurement": [],  # (closure, seed, loss at theta0) of each call of the measurement
-            "_device_skips": None,  # CUDA: updates skipped on the device, not yet read
-            "_at_start": None,  # (scalars, measurement) as the step found them (see _on_undo)
+            "_loss_eps": 0.0,  # the resolution (relative) of the measurement's loss dtype
             "_line_norm": None,  # ||D|| of the line being measured
-            "_saved_buckets": 0,  # buckets whose backup holds theta0 (keep_backup)
-            "_line_at": [],  # keep_backup=False: each bucket at theta0 - at * D
+            "_line_slope": None,  # its slope at theta0, -<d, D> / ||D||
+            "_line": None,  # where the measurement puts the parameters (salsa_fast.labpal_line)
+            "_ledger": None,  # the updates the device skipped, not yet read (made by the first that may be)
+            "_unread_skips": False,  # a training update ran on the device path since the host last read the ledger
+            "_at_start": None,  # (scalars, measurement) as the step found them (see _on_undo)
         }
 
     def _on_copy(self) -> None:
@@ -213,6 +177,12 @@ class LABPAL(LineMeasurement, FlatOptimizer):
         return {"momentum_buffer": b.exp_avg, "accumulated_grad": self._acc(b)}
 
     def _on_repack(self) -> None:
+        """The line the measurements move on (which keeps a backup or moves the parameters,
+        chosen here once); the ledger of device-side skips is made anew where it is needed (the
+        shell counted the old one's first); the warning for bf16/fp16 parameters."""
+        line = BackupLine if self.keep_backup else MovingLine
+        self._line = line(self._backend, self._buckets)
+        self._ledger = None
         if any(b.dtype in (torch.bfloat16, torch.float16) for b in self._buckets):
             self._warn_once(
                 "low-precision",
@@ -236,7 +206,7 @@ class LABPAL(LineMeasurement, FlatOptimizer):
     def step_size(self) -> float | None:
         """The step length in use along the unit direction (NSGD updates, and the update ending
         each measurement); None until a measurement is accepted."""
-        return self._scalars.step
+        return self._scalars.step_size
 
     @property
     def learning_rate(self) -> float | None:
@@ -249,24 +219,32 @@ class LABPAL(LineMeasurement, FlatOptimizer):
         return self._scalars.measuring
 
     def _fold_pending_skips(self) -> None:
-        """Add the updates skipped on the device (CUDA) to the host count: one sync, so only
-        when diagnostics or a checkpoint ask for it."""
-        if self._device_skips is not None:
-            self._scalars.skipped += int(self._device_skips)
-            self._device_skips = None
+        """Count the updates the device skipped since the host last read them (one sync, only if
+        a training update ran on the device path since then): for ``state_dict()`` and copies."""
+        if self._unread_skips:
+            self._count_device_skips(int(self._ledger.read_skipped().item()))
+
+    def _count_device_skips(self, n: int) -> None:
+        """The device skipped ``n`` training updates the host has not counted: count them (they
+        stay counted in ``updates``, as the host took them)."""
+        self._unread_skips = False
+        if n:
+            self._scalars.skipped += n
+            self._ledger.counted()
 
     @property
     def stats(self) -> dict[str, float]:
-        """Counters. On CUDA a non-finite direction is skipped on the device, so that update
-        still counts in ``updates`` (and towards ``reuse_steps``); ``skipped_updates`` counts it
-        too (reading it syncs once). On CPU a skipped update is not counted in ``updates``."""
-        self._fold_pending_skips()
+        """Counters; reading them never syncs. On CUDA a non-finite direction is skipped on the
+        device, so that update still counts in ``updates`` (and towards ``reuse_steps``), and
+        ``skipped_updates`` counts it as of the host's last read: the next measurement's
+        direction check or ``state_dict()``. On CPU a skipped update is counted at once, and not
+        in ``updates``."""
         s = self._scalars
         return {
-            "step_size": s.step if s.step is not None else float("nan"),
+            "step_size": s.step_size if s.step_size is not None else float("nan"),
             "learning_rate": s.lr if s.lr is not None else float("nan"),
             "measuring": float(s.measuring),
-            "k": s.k,
+            "accumulation": s.accumulation,
             "calls": s.calls,
             "updates": s.updates,
             "measurements": s.measurements,
@@ -286,44 +264,58 @@ class LABPAL(LineMeasurement, FlatOptimizer):
             return self._idle_step(closure)
         # what the schedule may change before the closure runs (the list is only ever replaced)
         self._at_start = replace(self._scalars), self._measurement
-        s = self._scalars
         self._apply_schedule()
-        if not s.measuring:
-            warmup_over = not s.warmup_measured and s.updates == self.warmup_updates + 1
-            if warmup_over or s.since_measurement >= self.reuse_steps:
-                s.warmup_measured = s.warmup_measured or warmup_over
-                self._start_measurement()
-        if self._next_momentum is not None and not (s.measuring and self._measurement):
-            self.momentum, self._next_momentum = self._next_momentum, None  # (not within a measurement)
-        out = self._measure(closure) if s.measuring else self._train(closure)
-        s.calls += 1
-        for group in self.param_groups:
-            group["step_size"], group["learning_rate"] = s.step, s.lr
+        self._measure_when_due()
+        self._follow_momentum()
+        out = self._measure(closure) if self._scalars.measuring else self._train(closure)
+        self._end_call()
         return out
 
     def _on_undo(self) -> None:
+        """The step's closure raised before anything moved: back to the scalars and the
+        measurement the step found."""
         self._scalars, self._measurement = self._at_start
 
     def _apply_schedule(self) -> None:
-        """Fire every schedule entry whose call has come (``>=``: none is ever skipped)."""
+        """Fire every schedule entry whose call has come (``>=``: none is ever skipped): each
+        sets the accumulation and starts a measurement."""
         s = self._scalars
         schedule = self.batch_size_schedule
         while s.schedule_index < len(schedule) and schedule[s.schedule_index][0] <= s.calls:
             _, multiplier = schedule[s.schedule_index]
-            s.k = max(int(multiplier * self.noise_factor), 1)
+            s.accumulation = max(int(multiplier * self.noise_factor), 1)
             s.schedule_index += 1
             self._start_measurement()
 
-    def _start_measurement(self) -> None:
+    def _measure_when_due(self) -> None:
+        """Start a measurement once after the warm-up's updates, and after every ``reuse_steps``
+        updates since the last one."""
         s = self._scalars
-        s.measuring = True
-        s.accumulated = 0  # a partly accumulated training batch is dropped
-        self._measurement = []
-        self._loss_eps = 0.0
+        if s.measuring:
+            return
+        warmup_over = not s.warmup_measured and s.updates == self.warmup_updates + 1
+        if warmup_over or s.since_measurement >= self.reuse_steps:
+            s.warmup_measured = s.warmup_measured or warmup_over
+            self._start_measurement()
+
+    def _follow_momentum(self) -> None:
+        """A new momentum from the groups takes effect now, unless a measurement is under way
+        (its points must lie on one line)."""
+        if self._next_momentum is not None and not (self._scalars.measuring and self._measurement):
+            self.momentum, self._next_momentum = self._next_momentum, None
+
+    def _end_call(self) -> None:
+        """Count the call; every group shows the step and the learning rate in use (for loggers)."""
+        s = self._scalars
+        s.calls += 1
+        for group in self.param_groups:
+            group["step_size"], group["learning_rate"] = s.step_size, s.lr
 
     def _gradient_call(self, closure) -> tuple[object, torch.Tensor, int]:
+        """The closure with backward (a None gradient counts as zero); its gradient added to the
+        batch's sum where one is kept. Returns its output, its loss and its seed."""
         seed = draw_seed()
-        out, loss = self._first_call(closure, seed)  # (a None gradient counts as zero)
+        out, loss = self._first_call(closure, seed)
         s = self._scalars
         s.forwards += 1
         s.backwards += 1
@@ -336,42 +328,23 @@ class LABPAL(LineMeasurement, FlatOptimizer):
     def _accumulating(self) -> bool:
         """Whether the batch's gradient is summed in the ``acc`` buffer: for several inference
         batches, and during a measurement (its direction must outlive the next zero_grad()).
-        Training with k = 1 reads the gradient buffer itself."""
-        return self._scalars.k > 1 or self._scalars.measuring
-
-    # -- training ----------------------------------------------------------------------------------
-    def _train(self, closure):
-        s = self._scalars
-        out, _, _ = self._gradient_call(closure)
-        s.accumulated += 1
-        if s.accumulated < s.k:
-            return out
-        norm, _ = self._direction_sums(s.accumulated)
-        ok = torch.isfinite(norm) & (norm > 0)
-        if self._host_checks and not bool(ok):
-            s.skipped += 1
-        else:
-            self._update(s.accumulated, norm, None if self._host_checks else ok)
-            s.updates += 1  # on CUDA also when skipped on the device: see stats
-            s.since_measurement += 1
-            if not self._host_checks:
-                skip = (~ok).to(torch.int64)
-                self._device_skips = skip if self._device_skips is None else self._device_skips + skip
-        s.accumulated = 0
-        return out
+        Training with an accumulation of 1 reads the gradient buffer itself."""
+        return self._scalars.accumulation > 1 or self._scalars.measuring
 
     def _source(self, b: FlatBucket) -> torch.Tensor:
         """The gradient sum the direction is built from: ``acc``, or the gradient itself."""
         return self._acc(b) if self._accumulating() else b.grad
 
     def _direction_sums(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``||D||`` and ``<d, D>`` over all buckets and ranks (fp64 device tensors, no sync),
-        where ``d`` is the mean gradient of ``count`` batches and ``D = d + momentum * buf``."""
+        """``||D||`` and ``<d, D>`` over all buckets and ranks (fp64 tensors on the first
+        bucket's device, no sync), where ``d`` is the mean gradient of ``count`` batches and
+        ``D = d + momentum * buf``."""
         dev = self._buckets[0].device
         sums = {False: torch.zeros(2, dtype=torch.float64, device=dev)}  # by whether the bucket holds shards
         sums[True] = sums[False].clone()
         for b in self._buckets:
-            sums[b.sharded] += torch.stack(self._backend.labpal_sums(b, self._source(b), count=count, momentum=self.momentum)).to(dev)
+            bucket_sums = self._backend.labpal_sums(b, self._source(b), count=count, momentum=self.momentum)
+            sums[b.sharded] += torch.stack(bucket_sums).to(dev)
         sq, dot = agree_on_sums(resolve_group(self.process_group), sums[False], sums[True])
         return sq.sqrt(), dot
 
@@ -382,6 +355,42 @@ class LABPAL(LineMeasurement, FlatOptimizer):
             return float(loss)
         return float(agree_on_loss(group, torch.as_tensor(loss).to(self._buckets[0].device, torch.float64).clone()))
 
+    # -- training ----------------------------------------------------------------------------------
+    def _train(self, closure):
+        """One training call: its gradient joins the batch's; the batch's last call updates."""
+        s = self._scalars
+        out, _, _ = self._gradient_call(closure)
+        s.accumulated += 1
+        if s.accumulated >= s.accumulation:
+            self._train_update()
+            s.accumulated = 0
+        return out
+
+    def _train_update(self) -> None:
+        """The training batch's update, unless its direction is not finite (or zero). On CPU the
+        host reads that at once and skips the update; on the device path (CUDA) the device skips
+        it without a sync and notes it in the ledger, and the host counts the update as taken."""
+        s = self._scalars
+        norm, _ = self._direction_sums(s.accumulated)
+        ok = torch.isfinite(norm) & (norm > 0)
+        if self._host_checks and not bool(ok):
+            s.skipped += 1
+            return
+        self._update(s.accumulated, norm, None if self._host_checks else ok)
+        s.updates += 1  # on CUDA also when skipped on the device: see stats
+        s.since_measurement += 1
+        if not self._host_checks:
+            self._skip_ledger().record(~ok)
+            self._unread_skips = True
+
+    def _skip_ledger(self) -> SkipLedger:
+        """The count of updates the device skipped and the host has not read, on the first
+        bucket's device: 8 bytes, made by the first update the device may skip (on the host
+        path, CPU, there is none)."""
+        if self._ledger is None:
+            self._ledger = SkipLedger(self._buckets[0].device)
+        return self._ledger
+
     @torch.no_grad()
     def _update(self, count: int, norm: torch.Tensor, ok: torch.Tensor | None) -> None:
         """A training update: NSGD ``p -= lr_g * step * D / ||D||``; SGD ``p -= lr_g * lr * D``
@@ -391,67 +400,32 @@ class LABPAL(LineMeasurement, FlatOptimizer):
         s = self._scalars
         rate = None  # a device scalar that multiplies lr_g, or None for a host rate
         if self.mode == "nsgd" or self.cap_sgd_updates:
-            rate = s.step / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+            rate = s.step_size / norm.clamp_min(torch.finfo(norm.dtype).tiny)
             if self.mode == "sgd":
                 rate = rate.clamp(max=s.lr)
         for b in self._buckets:
             lr = float(self.param_groups[b.group_index]["lr"])
+            scale = lr if rate is not None else lr * s.lr
+            coef = None if rate is None else rate.to(b.device)
+            b_ok = None if ok is None else ok.to(b.device)
             self._backend.labpal_update(
-                b, self._source(b), count=count, momentum=self.momentum,
-                scale=lr if rate is not None else lr * s.lr, coef=None if rate is None else rate.to(b.device),
-                ok=None if ok is None else ok.to(b.device),
-            )  # fmt: skip
-
-    # -- measuring ---------------------------------------------------------------------------------
-    def _measure(self, closure):
-        s = self._scalars
-        n_total = self.measure_batches * s.k
-        i = len(self._measurement)
-        if i < s.k:
-            out, loss, seed = self._gradient_call(closure)
-        else:
-            seed = draw_seed()
-            out, loss = self._first_call(closure, seed, backwards=False)
-            s.forwards += 1
-        self._measurement.append((closure, seed, self._agreed(loss)))
-        self._loss_eps = max(self._loss_eps, torch.finfo(loss.dtype).eps if loss.is_floating_point() else 0.0)
-        if i + 1 == s.k:
-            norm, dot = self._direction_sums(s.k)
-            norm_v, dot_v = torch.stack([norm, dot]).tolist()  # the search's one sync
-            slope = -dot_v / norm_v if norm_v > 0 else float("nan")
-            low, high = self.trusted_norm
-            trusted = low <= norm_v <= high or s.step is None  # (with no step in use there is none to keep)
-            if not (math.isfinite(norm_v) and trusted and slope < 0):
-                s.abandoned += 1
-                if math.isfinite(norm_v) and not trusted:
-                    self._count_in_a_row("abandoned", f"the direction norm {norm_v:.4g} is outside trusted_norm="
-                                         f"{self.trusted_norm}: pass a range that holds your loss's norms")  # fmt: skip
-                self._abandon()
-                return out
-            self._in_a_row["abandoned"] = 0
-            self._line_norm, self._line_slope = norm_v, slope
-        if i + 1 == n_total:
-            self._finish_measurement()
-        return out
-
-    def _abandon(self) -> None:
-        """Weights unchanged; train on with the step in use for another ``reuse_steps`` updates,
-        or measure again if there is none yet (the reference crashed there; only a direction
-        that does not descend, or is not finite, is abandoned then)."""
-        s = self._scalars
-        self._start_measurement()
-        s.measuring = s.step is None
-        s.since_measurement = 0
+                b, self._source(b), count=count, momentum=self.momentum, scale=scale, coef=coef, ok=b_ok
+            )
 
     # -- state_dict (saved and loaded by the shell, as a "labpal" entry beside torch's layout) ----
     def _saved_scalars(self, state_dict: dict[str, Any]) -> Any:
-        """Checkpoints from before ``rescaled`` was counted: none was."""
+        """Checkpoints from before ``rescaled`` was counted: none was. (Those from before
+        ``step_size`` and ``accumulation`` were so named hold ``step`` and ``k``:
+        :attr:`renamed_scalars`.)"""
         saved = super()._saved_scalars(state_dict)
         return {"rescaled": 0, **saved} if isinstance(saved, dict) else saved
 
     def _on_load(self) -> None:
-        """A checkpoint taken in the middle of a measurement restarts that measurement (its
-        closures cannot be saved; the parameters are still at its starting point)."""
-        self._device_skips = None
+        """The loaded run's counts replace ours, the device's unread skips included; a
+        checkpoint taken in the middle of a measurement restarts that measurement (its closures
+        cannot be saved; the parameters are still at its starting point)."""
+        if self._unread_skips:
+            self._ledger.counted()
+            self._unread_skips = False
         if self._scalars.measuring:
             self._start_measurement()

@@ -1,114 +1,131 @@
-"""LABPAL's measured line on its flat buckets: the points on it, the losses of the stored
-closures there, and what the fit decides (a part of :class:`salsa_fast.LABPAL`, apart only to
-keep each module short; the fit itself is :mod:`salsa_fast.parabola`'s)."""
+"""Where LABPAL's measurement puts the parameters: points on the line from the measurement's
+start ``theta0`` along its direction ``D = d + momentum * buf`` (``d`` the mean gradient of its
+gradient batches), ``theta0 - x * D / ||D||`` in every bucket alike (group ``lr`` multipliers
+scale updates, not measurements), and the closing update ``theta0 - step * lr * D / ||D||``
+(each bucket with its group's ``lr``), which also makes the momentum buffer ``D``.
+
+Whether a measurement keeps a copy of ``theta0`` is chosen once, when the buckets are packed: a
+:class:`BackupLine` writes every point from its backup (the first point saves it, in the same
+pass); a :class:`MovingLine` (LABPAL's ``keep_backup=False``) moves the parameters from point
+to point by the difference and back, one rounding per element per move. LABPAL calls either
+the same way, and never asks which:
+
+* :meth:`MeasuredLine.begin` starts a line from where the parameters are (nothing moves);
+* :meth:`MeasuredLine.to` puts them at ``theta0 - x * D / ||D||``;
+* :meth:`MeasuredLine.back` returns them to ``theta0``, the momentum buffer untouched;
+* :meth:`MeasuredLine.close` ends the measurement with its update (the momentum buffer becomes ``D``).
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .parabola import H, IN_A_ROW, fit_line, in_a_row, nanmean, rejection
-
-__all__ = ["LineMeasurement"]
+__all__ = ["BackupLine", "MeasuredLine", "MovingLine"]
 
 
-class LineMeasurement:
-    """The end of a LABPAL measurement: the methods :class:`salsa_fast.LABPAL` measures its line
-    with (they use its buckets, backend, scalars and arguments)."""
+class MeasuredLine:
+    """The moves of a LABPAL measurement over the buckets (see the module docstring), each one
+    pass of the backend per bucket."""
 
-    def _count_in_a_row(self, what: str, why: str) -> None:
-        """One more measurement abandoned (or fit rejected) in a row; at ``IN_A_ROW``, warn once."""
-        self._in_a_row[what] += 1
-        if self._in_a_row[what] == IN_A_ROW:
-            self._warn_once(what, in_a_row(what, why, self._scalars.step is not None))
+    def __init__(self, backend, buckets: list) -> None:
+        self.backend, self.buckets = backend, buckets
+        self.sources: list[torch.Tensor] = []  # each bucket's gradient sum, the direction's d times count
+        self.count = 1  # gradient batches in the sums
+        self.momentum = 0.0
+        self.norm = 1.0  # ||D||
 
-    @torch.no_grad()
-    def _finish_measurement(self) -> None:
-        s = self._scalars
-        norm, mu, k = self._line_norm, self.sample_step, s.k
-        losses = [loss for _, _, loss in self._measurement]
-        l0, l0k = nanmean(losses), nanmean(losses[:k])
-        self._saved_buckets = 0  # buckets whose backup holds theta0 (the first point saves it)
-        self._line_at = [0.0] * len(self._buckets)  # keep_backup=False: each bucket at theta0 - at * D
-        try:
-            (l1, l1k), (l2, l2k) = self._losses_at(H, norm, first=True), self._losses_at(mu, norm)
-            line = fit_line((l0, l1, l2), (l0k, l1k, l2k), lambda x: self._losses_at(x, norm), mu=mu, fit=self.fit,
-                            max_step_size=self.max_step_size, slope=self._line_slope, eps=self._loss_eps)  # fmt: skip
-        except BaseException:  # a closure (or a pass) raised: back to theta0, measure again next call
-            self._back_to_theta0()
-            self._start_measurement()
-            raise
-        s.measurements += 1
-        s.rescaled += line.scale > 1
-        if not line.accepted:
-            s.rejected += 1
-            self._count_in_a_row("rejected", rejection(line, mu, self.max_step_size))
-        else:
-            self._in_a_row["rejected"] = 0
-            step = max(min(line.step, self.max_step_size) * self.update_step_adaptation, self.eps)
-            lr = max(step / max(norm, self.eps), self.eps)
-            if math.isfinite(step):
-                if s.updates < self.warmup_updates:
-                    s.step, s.lr = step, lr
-                else:
-                    s.history = (s.history + [step])[-self.window :]
-                    s.lr_history = (s.lr_history + [lr])[-self.window :]
-                    s.step, s.lr = nanmean(s.history), nanmean(s.lr_history)
-        if s.step is None:  # nothing accepted yet: back to theta0, measure again
-            self._back_to_theta0()
-            self._start_measurement()
-            return
-        # the measurement ends with a step of the averaged length from theta0 along the unit
-        # direction, written in one pass (the momentum buffer becomes the direction)
-        for i, b in enumerate(self._buckets):
-            lr = float(self.param_groups[b.group_index]["lr"])
-            if self.keep_backup:
-                self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
-                                           scale=s.step / norm * lr, save_backup=False, write_buffer=True)  # fmt: skip
-            else:
-                self._move_on_line(i, s.step / norm * lr, write_buffer=True)
-        s.updates += 1
-        s.since_measurement = 0
-        s.measuring = False
-        self._measurement = []
+    def begin(self, sources: list[torch.Tensor], *, count: int, momentum: float, norm: float) -> None:
+        """A line from where the parameters are now (``theta0``), along the direction built from
+        each bucket's gradient sum over ``count`` batches and ``momentum``; ``norm`` is its
+        ``||D||``. Nothing moves yet."""
+        self.sources, self.count, self.momentum, self.norm = sources, count, momentum, norm
 
-    def _move_on_line(self, i: int, scale: float, write_buffer: bool = False) -> None:
-        """keep_backup=False: bucket ``i`` to ``theta0 - scale * D`` from where it is on the line,
-        one rounding per element (``write_buffer``: the momentum buffer becomes ``D``)."""
-        b, s = self._buckets[i], self._scalars
-        self._backend.labpal_update(b, self._source(b), count=s.k, momentum=self.momentum,
-                                    scale=scale - self._line_at[i], coef=None, ok=None, write_buffer=write_buffer)  # fmt: skip
-        self._line_at[i] = scale
+    def to(self, x: float) -> None:
+        """Every bucket at ``theta0 - x * D / ||D||``."""
+        raise NotImplementedError
 
-    def _back_to_theta0(self) -> None:
-        """The parameters back where the measurement started (without a backup: to a rounding
-        per element per move)."""
-        if self.keep_backup:
-            for b in self._buckets[: self._saved_buckets]:
-                b.copy_params_from(b.backup)
-            return
-        for i, at in enumerate(self._line_at):
+    def back(self) -> None:
+        """Every bucket back at ``theta0`` (the parameters' values before :meth:`to`); the line is over."""
+        raise NotImplementedError
+
+    def close(self, step: float, lrs: list[float]) -> None:
+        """The measurement's closing update: each bucket at ``theta0 - step * lr * D / ||D||``
+        (``lrs``: each bucket's group ``lr``), and the momentum buffer becomes ``D``; the line is over."""
+        raise NotImplementedError
+
+    def _point(self, i: int, scale: float, *, save_backup: bool = False, write_buffer: bool = False) -> None:
+        """Bucket ``i`` at ``backup - scale * D`` (``save_backup``: the backup is first saved)."""
+        b, src, along = self.buckets[i], self.sources[i], self._along()
+        self.backend.labpal_point(b, src, **along, scale=scale, save_backup=save_backup, write_buffer=write_buffer)
+
+    def _update(self, i: int, scale: float, *, write_buffer: bool = False) -> None:
+        """Bucket ``i`` moved by ``p -= scale * D``."""
+        b, src, along = self.buckets[i], self.sources[i], self._along()
+        self.backend.labpal_update(b, src, **along, scale=scale, coef=None, ok=None, write_buffer=write_buffer)
+
+    def _along(self) -> dict:
+        """The backend's arguments that build ``D`` from a gradient sum."""
+        return {"count": self.count, "momentum": self.momentum}
+
+
+class BackupLine(MeasuredLine):
+    """Every point written from a backup of ``theta0``, which the first point saves in the same
+    pass; back to ``theta0`` is a copy of it (in the buckets that saved it)."""
+
+    def __init__(self, backend, buckets: list) -> None:
+        super().__init__(backend, buckets)
+        self.saved = 0  # buckets whose backup holds theta0 (the first ones, in order)
+
+    def begin(self, sources: list[torch.Tensor], *, count: int, momentum: float, norm: float) -> None:
+        super().begin(sources, count=count, momentum=momentum, norm=norm)
+        self.saved = 0
+
+    def to(self, x: float) -> None:
+        for i in range(len(self.buckets)):
+            first = i >= self.saved  # (the bucket is still at theta0: save it on the way)
+            self._point(i, x / self.norm, save_backup=first)
+            self.saved += first
+
+    def back(self) -> None:
+        for b in self.buckets[: self.saved]:
+            b.copy_params_from(b.backup)
+        self.saved = 0
+
+    def close(self, step: float, lrs: list[float]) -> None:
+        for i, lr in enumerate(lrs):
+            self._point(i, step / self.norm * lr, write_buffer=True)
+        self.saved = 0
+
+
+class MovingLine(MeasuredLine):
+    """No copy of ``theta0``: each bucket moves along the line from where it is,
+    ``p -= (s_new - s_old) * D``, and back (each move one rounding per element). A bucket's
+    place is noted only after its move succeeded, so a move that raises leaves it true for
+    :meth:`back`."""
+
+    def __init__(self, backend, buckets: list) -> None:
+        super().__init__(backend, buckets)
+        self.at = [0.0] * len(buckets)  # each bucket at theta0 - at * D
+
+    def begin(self, sources: list[torch.Tensor], *, count: int, momentum: float, norm: float) -> None:
+        super().begin(sources, count=count, momentum=momentum, norm=norm)
+        self.at = [0.0] * len(self.buckets)
+
+    def to(self, x: float) -> None:
+        for i in range(len(self.buckets)):
+            self._move(i, x / self.norm)
+
+    def back(self) -> None:
+        for i, at in enumerate(self.at):
             if at:
-                self._move_on_line(i, 0.0)
+                self._move(i, 0.0)
 
-    def _losses_at(self, x: float, norm: float, first: bool = False) -> tuple[float, float]:
-        """Mean loss of the stored closures at ``theta0 - x * D / ||D||``, and of the first ``k``
-        (the gradient batches; NaNs skipped). The
-        line is the unscaled direction: group ``lr`` multipliers scale updates, not measurements.
-        ``first``: the parameters are still at ``theta0``; save them as the backup on the way."""
-        s = self._scalars
-        for i, b in enumerate(self._buckets):
-            if not self.keep_backup:
-                self._move_on_line(i, x / norm)
-                continue
-            self._backend.labpal_point(b, self._source(b), count=s.k, momentum=self.momentum,
-                                       scale=x / norm, save_backup=first, write_buffer=False)  # fmt: skip
-            self._saved_buckets += first
-        losses = []
-        with self._replaying() as replay:
-            for closure, seed, _ in self._measurement:
-                _, loss = replay(closure, seed)
-                s.forwards += 1
-                losses.append(self._agreed(loss))
-        return nanmean(losses), nanmean(losses[: s.k])
+    def close(self, step: float, lrs: list[float]) -> None:
+        for i, lr in enumerate(lrs):
+            self._move(i, step / self.norm * lr, write_buffer=True)
+        self.at = [0.0] * len(self.buckets)
+
+    def _move(self, i: int, scale: float, write_buffer: bool = False) -> None:
+        """Bucket ``i`` from ``theta0 - at * D`` to ``theta0 - scale * D``."""
+        self._update(i, scale - self.at[i], write_buffer=write_buffer)
+        self.at[i] = scale

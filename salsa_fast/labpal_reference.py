@@ -1,7 +1,8 @@
 """LABPAL, restated plainly: per-parameter tensors, one formula per line, the reference's own
-parabola fit (``numpy.gradient`` twice, restated as :func:`gradient`). The ground truth :class:`salsa_fast.LABPAL` is tested
-against; same arguments, closure contract, seeding and fixes (measuring farther out where
-rounding decides the reference's fit included), none of its flat buffers.
+parabola fit (``numpy.gradient`` twice, restated as :func:`gradient`). The ground truth
+:class:`salsa_fast.LABPAL` is tested against; same arguments, closure contract, seeding and
+fixes (measuring farther out where rounding decides the reference's fit included), none of its
+flat buffers.
 """
 
 from __future__ import annotations
@@ -63,18 +64,18 @@ class LABPALReference(Optimizer):
         self.calls = 0
         self.updates = 0
         self.since_measurement = 0
-        self.k = 1
+        self.accumulation = 1  # calls whose gradients are averaged into one update
         self.next_entry = 0
         self.measuring = True
         self.warmup_measured = False
-        self.step_value = None  # the step length in use
+        self.step_size = None  # the step length in use
         self.lr = None  # the SGD learning rate in use
         self.history = []
         self.lr_history = []
         self.forwards = 0
         self.rescaled = 0  # measurements fitted farther out than the reference's samples
         self.grad_sum = None  # per parameter: the summed gradients of the current batch
-        self.count = 0  # calls in the current training batch
+        self.accumulated = 0  # calls in the current training batch
         self.stored = []  # the measurement's (closure, seed, loss at theta0, its dtype's eps)
 
     def _params(self):
@@ -83,7 +84,7 @@ class LABPALReference(Optimizer):
     def _reset_batch(self):
         self.grad_sum = [torch.zeros_like(p, dtype=torch.float32 if p.dtype != torch.float64 else p.dtype)
                          for p, _ in self._params()]  # fmt: skip
-        self.count = 0
+        self.accumulated = 0
 
     def _start_measurement(self):
         self.measuring = True
@@ -161,7 +162,7 @@ class LABPALReference(Optimizer):
         """How far rounding may move a loss: the loss dtype's resolution at the largest mean loss,
         or the gradient batches' misfit at h to the parabola through their loss at 0 with their
         exact slope there and their loss at mu, if larger."""
-        k = self.k
+        k = self.accumulation  # the gradient batches
         l0k, l1k, l2k = nanmean(at0[:k]), nanmean(at_h[:k]), nanmean(at_mu[:k])
         curvature = (l2k - l0k - mu * self.slope) / mu**2
         misfit = abs(l1k - l0k - h * self.slope - curvature * h**2)
@@ -174,7 +175,7 @@ class LABPALReference(Optimizer):
         if self.grad_sum is None:
             self._reset_batch()
         while self.next_entry < len(self.schedule) and self.schedule[self.next_entry][0] <= self.calls:
-            self.k = max(int(self.schedule[self.next_entry][1] * self.noise_factor), 1)
+            self.accumulation = max(int(self.schedule[self.next_entry][1] * self.noise_factor), 1)
             self.next_entry += 1
             self._start_measurement()
         if not self.measuring:
@@ -188,15 +189,15 @@ class LABPALReference(Optimizer):
 
     def _train(self, closure):
         out, _, _ = self._gradient_pass(closure)
-        self.count += 1
-        if self.count == self.k:
-            dirs, norm, _ = self._direction(self.count)
+        self.accumulated += 1
+        if self.accumulated == self.accumulation:
+            dirs, norm, _ = self._direction(self.accumulated)
             if math.isfinite(norm) and norm > 0:
                 origins = [p.detach().clone() for p, _ in self._params()]
                 if self.mode == "nsgd":
-                    scale = self.step_value / norm
+                    scale = self.step_size / norm
                 elif self.cap:
-                    scale = min(self.lr, self.step_value / norm)
+                    scale = min(self.lr, self.step_size / norm)
                 else:
                     scale = self.lr
                 self._move(origins, dirs, scale)
@@ -210,25 +211,26 @@ class LABPALReference(Optimizer):
 
     def _measure(self, closure):
         i = len(self.stored)
-        if i < self.k:
+        if i < self.accumulation:
             out, loss, seed = self._gradient_pass(closure)
         else:
             seed = draw_seed()
             out, loss = call_closure(closure, seed, [], backwards=False)
             self.forwards += 1
-        self.stored.append((closure, seed, float(loss), torch.finfo(loss.dtype).eps if loss.is_floating_point() else 0.0))
-        if i + 1 == self.k:
-            self.dirs, self.norm, dot = self._direction(self.k)
+        eps = torch.finfo(loss.dtype).eps if loss.is_floating_point() else 0.0
+        self.stored.append((closure, seed, float(loss), eps))
+        if i + 1 == self.accumulation:
+            self.dirs, self.norm, dot = self._direction(self.accumulation)
             slope = -dot / self.norm if self.norm > 0 else float("nan")
             self.slope = slope
             low, high = self.trusted_norm  # (with no step yet, any norm: there is none to keep)
-            trusted = low <= self.norm <= high or self.step_value is None
+            trusted = low <= self.norm <= high or self.step_size is None
             if not (math.isfinite(self.norm) and trusted and slope < 0):
                 self._start_measurement()
-                self.measuring = self.step_value is None
+                self.measuring = self.step_size is None
                 self.since_measurement = 0
                 return out
-        if i + 1 == self.measure_batches * self.k:
+        if i + 1 == self.measure_batches * self.accumulation:
             self._finish()
         return out
 
@@ -265,17 +267,17 @@ class LABPALReference(Optimizer):
             lr = max(s / max(self.norm, self.eps), self.eps)
             if math.isfinite(s):
                 if self.updates < self.warmup_updates:
-                    self.step_value, self.lr = s, lr
+                    self.step_size, self.lr = s, lr
                 else:
                     self.history = (self.history + [s])[-self.window :]
                     self.lr_history = (self.lr_history + [lr])[-self.window :]
-                    self.step_value = sum(self.history) / len(self.history)
+                    self.step_size = sum(self.history) / len(self.history)
                     self.lr = sum(self.lr_history) / len(self.lr_history)
         self._move(theta0, self.dirs, 0.0)  # back to theta0
-        if self.step_value is None:
+        if self.step_size is None:
             self._start_measurement()
             return
-        self._move(theta0, self.dirs, self.step_value / self.norm)  # a step of the averaged length
+        self._move(theta0, self.dirs, self.step_size / self.norm)  # a step of the averaged length
         for (p, _), D in zip(self._params(), self.dirs):
             if self.momentum:
                 self.state[p]["momentum_buffer"] = D.clone()

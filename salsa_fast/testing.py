@@ -7,10 +7,12 @@ internals, and changes with them.
     testing.buckets(opt)           # the flat buckets (salsa_fast.flat.FlatBucket): params, grad, exp_avg, ...
     testing.backend(opt)           # the backend module that runs the passes
     testing.scalars(opt)           # the run's scalars, live (what state_dict() saves in its entry)
-    testing.line(opt)              # SaLSA: where its searches put the parameters (salsa_fast.salsa_line)
+    testing.line(opt)              # where searches (SaLSA) or measurements (LABPAL) put the parameters
     testing.measurement(opt)       # LABPAL: (closure, seed, loss) of each call of the measurement so far
+    with testing.line_points(opt) as points:  # LABPAL: the points its measurements put the parameters at
+        ...                                    # (x of each, theta0 - x * D / ||D||, in order)
     testing.attach_grads(opt)      # the flat gradient views attached, as the first step attaches them
-    testing.defer_host_reads(opt)  # CPU: read the device's count of skipped steps only when CUDA would
+    testing.defer_host_reads(opt)  # CPU: read the device's count of skipped steps (updates) only when CUDA would
     with testing.undone_searches(opt) as undone:  # SaLSA: searches taken back before they moved
         ...                                        # (len(undone) of them, so far)
 """
@@ -23,7 +25,17 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-__all__ = ["buckets", "backend", "scalars", "line", "measurement", "attach_grads", "defer_host_reads", "undone_searches"]
+__all__ = [
+    "buckets",
+    "backend",
+    "scalars",
+    "line",
+    "measurement",
+    "line_points",
+    "attach_grads",
+    "defer_host_reads",
+    "undone_searches",
+]
 
 
 def buckets(opt: Optimizer) -> list:
@@ -42,8 +54,9 @@ def scalars(opt: Optimizer) -> Any:
 
 
 def line(opt: Optimizer):
-    """SaLSA: the line its searches move the parameters on (``salsa_fast.salsa_line``: a
-    ``BackupLine`` or, with ``keep_backup=False``, a ``MovingLine``)."""
+    """The line the optimizer moves the parameters on: SaLSA's searches (``salsa_fast.salsa_line``)
+    or LABPAL's measurements (``salsa_fast.labpal_line``); a ``BackupLine`` or, with
+    ``keep_backup=False``, a ``MovingLine``."""
     return opt._line
 
 
@@ -51,6 +64,27 @@ def measurement(opt: Optimizer) -> list:
     """LABPAL: ``(closure, seed, loss)`` of each call of the measurement in progress (empty
     between measurements)."""
     return list(opt._measurement)
+
+
+@contextlib.contextmanager
+def line_points(opt: Optimizer) -> Iterator[list[float]]:
+    """LABPAL: within the block, each point on the measured line that ``opt`` puts the
+    parameters at (``theta0 - x * D / ||D||``, before evaluating the measurement's closures
+    there) appends its ``x`` to the list yielded; the closing update is no such point."""
+    points: list[float] = []
+    line = type(opt._line)
+    to = line.to
+
+    def counted(self, x):
+        if self is opt._line:
+            points.append(x)
+        return to(self, x)
+
+    line.to = counted
+    try:
+        yield points
+    finally:
+        line.to = to
 
 
 def attach_grads(opt: Optimizer) -> None:
@@ -61,8 +95,9 @@ def attach_grads(opt: Optimizer) -> None:
 
 def defer_host_reads(opt: Optimizer, defer: bool = True) -> None:
     """On CPU tensors reading a device number is free, so the optimizer reads the count of
-    steps the device skipped after every step. ``defer=True`` makes it wait as it must on CUDA
-    (until the next search's sync or ``state_dict()``): the CUDA path's bookkeeping, on a CPU."""
+    steps (SaLSA) or updates (LABPAL) the device skipped after every step. ``defer=True`` makes
+    it wait as it must on CUDA (until the next search's or measurement's sync, or
+    ``state_dict()``): the CUDA path's bookkeeping, on a CPU."""
     opt._host_checks = not defer
 
 

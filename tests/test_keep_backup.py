@@ -212,7 +212,7 @@ LABPAL_DIGITS = dict(training_set_size=1797, batch_size=64, reuse_steps=60, warm
 LABPAL_CASES = [
     dict(mode="nsgd"),
     dict(mode="sgd", momentum=0.5),
-    dict(mode="nsgd", momentum=0.5, batch_size_schedule=((0, 1), (150, 40))),  # k becomes 3
+    dict(mode="nsgd", momentum=0.5, batch_size_schedule=((0, 1), (150, 40))),  # accumulation becomes 3
 ]
 
 

@@ -4,7 +4,6 @@ fixed reference defects, resume."""
 import io
 import math
 import re
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ CASES = {
     "nsgd_momentum": dict(mode="nsgd", momentum=0.5),
     "sgd_momentum": dict(mode="sgd", momentum=0.5),
     "sgd_uncapped": dict(mode="sgd", cap_sgd_updates=False),
-    "batch_schedule": dict(mode="nsgd", batch_size_schedule=((0, 1), (150, 40))),  # k becomes 3
+    "batch_schedule": dict(mode="nsgd", batch_size_schedule=((0, 1), (150, 40))),  # accumulation becomes 3
     "exact_fit": dict(mode="nsgd", fit="exact"),
 }
 
@@ -42,9 +41,9 @@ def test_same_decisions_and_parameters_as_the_reference_twin(case):
     rb = train(b, ref, 300, dtype=torch.float64)
     assert ra.calls == rb.calls  # the same closure calls after every step call
     assert fast.stats["measurements"] >= 4
-    assert fast.step_size == pytest.approx(ref.step_value, rel=1e-9)
+    assert fast.step_size == pytest.approx(ref.step_size, rel=1e-9)
     assert fast.learning_rate == pytest.approx(ref.lr, rel=1e-9)
-    assert fast.stats["k"] == ref.k
+    assert fast.stats["accumulation"] == ref.accumulation
     assert fast.stats["rescaled"] == ref.rescaled == 0  # float64 resolves these fits: the reference's points only
     assert max_abs_diff(a, b) <= 1e-9
 
@@ -63,7 +62,7 @@ def test_param_group_multipliers_match_the_twin(mode):
     ra = train(a, fast, 200, dtype=torch.float64)
     rb = train(b, ref, 200, dtype=torch.float64)
     assert ra.calls == rb.calls and fast.stats["measurements"] >= 3
-    assert fast.step_size == pytest.approx(ref.step_value, rel=1e-9)
+    assert fast.step_size == pytest.approx(ref.step_size, rel=1e-9)
     assert max_abs_diff(a, b) <= 1e-9
 
 
@@ -100,15 +99,16 @@ def test_pass_failing_on_a_later_bucket_restores_theta0(monkeypatch):
     opt = LABPAL([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], **DIGITS)
     train(model, opt, 9, dtype=torch.float64)
     theta0 = [p.detach().clone() for p in params]
-    points = [0]
+    points, labpal_point = [0], torch_ops.labpal_point
+    assert testing.backend(opt) is torch_ops
 
     def failing_point(b, src, **kwargs):
         points[0] += 1
         if points[0] == 2:
             raise torch.OutOfMemoryError("injected")
-        torch_ops.labpal_point(b, src, **kwargs)
+        labpal_point(b, src, **kwargs)
 
-    monkeypatch.setattr(opt, "_backend", SimpleNamespace(**{**vars(torch_ops), "labpal_point": failing_point}))
+    monkeypatch.setattr(torch_ops, "labpal_point", failing_point)
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
         train(model, opt, 1, dtype=torch.float64, start=9, rng_seed=None)
     assert all(torch.equal(p, q) for p, q in zip(params, theta0))
@@ -198,17 +198,17 @@ def test_reference_fit_is_numpy_gradient_twice():
 
 def test_schedule_entries_are_never_missed_with_accumulation():
     """The reference needs the call counter to equal an entry's call exactly and an empty
-    accumulator; with k > 1 it can miss an entry (and every later one)."""
+    accumulator; with an accumulation > 1 it can miss an entry (and every later one)."""
     model = mlp(torch.float64)
     nf = (128 / 64) * (1797 / 40000)  # 0.0899
-    schedule = ((0, 1), (0, 30), (101, 60), (103, 120))  # k: 1 -> 2 -> 5 -> 10
+    schedule = ((0, 1), (0, 30), (101, 60), (103, 120))  # accumulation: 1 -> 2 -> 5 -> 10
     opt = LABPAL(model.parameters(), **{**BRISK, "batch_size_schedule": schedule})
     train(model, opt, 101, dtype=torch.float64)
-    assert opt.stats["k"] == max(int(30 * nf), 1) == 2
+    assert opt.stats["accumulation"] == max(int(30 * nf), 1) == 2
     train(model, opt, 1, dtype=torch.float64, start=101, rng_seed=None)  # entry at call 101
-    assert opt.stats["k"] == max(int(60 * nf), 1) == 5 and opt.measuring
+    assert opt.stats["accumulation"] == max(int(60 * nf), 1) == 5 and opt.measuring
     train(model, opt, 2, dtype=torch.float64, start=102, rng_seed=None)  # 103 lands mid-measurement
-    assert opt.stats["k"] == max(int(120 * nf), 1) == 10
+    assert opt.stats["accumulation"] == max(int(120 * nf), 1) == 10
 
 
 def test_warmup_measurement_and_reuse():
@@ -420,7 +420,7 @@ def _roundtrip(obj):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("cut", [57, 130])  # measuring (calls 50-79) / training (mid-accumulation with k = 3)
+@pytest.mark.parametrize("cut", [57, 130])  # measuring (calls 50-79) / training (mid-batch, accumulation 3)
 def test_resume(cut):
     options = {**BRISK, "momentum": 0.5, "batch_size_schedule": ((0, 1), (50, 40))}
     model = mlp(torch.float64)
@@ -438,7 +438,7 @@ def test_resume(cut):
 
     # What the resumed run must equal: a run never stopped, or, for a checkpoint taken in the
     # middle of a measurement, one that starts that measurement over at the same call: a
-    # schedule entry at the cut with the same multiplier (k stays 3) restarts it there, as
+    # schedule entry at the cut with the same multiplier (the accumulation stays 3) restarts it there, as
     # load_state_dict does (the parameters are still at the measurement's start).
     restart = ((cut, 40),) if was_measuring else ()
     full_model = mlp(torch.float64)
@@ -449,6 +449,33 @@ def test_resume(cut):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), full_model.parameters()))
     if was_measuring:  # the restarted measurement finished
         assert opt.stats["measurements"] == ckpt["opt"]["param_groups"][0]["labpal"]["measurements"] + 1 and not opt.measuring
+
+
+def test_a_checkpoint_with_the_names_before_step_size_and_accumulation_resumes_exactly():
+    """Checkpoints written before the renames hold ``step`` (now ``step_size``) and ``k`` (now
+    ``accumulation``) in every group's entry, and older ones no ``rescaled``: they load, and
+    resume exactly."""
+    options = {**BRISK, "momentum": 0.5, "batch_size_schedule": ((0, 1), (50, 40))}
+    model = mlp(torch.float64)
+    opt = LABPAL(model.parameters(), **options)
+    train(model, opt, 130, dtype=torch.float64)
+    assert not opt.measuring and opt.stats["accumulation"] == 3 and opt.step_size is not None
+    sd = _roundtrip(opt.state_dict())
+    then = {"step_size": "step", "accumulation": "k"}
+    entries = [{then.get(k, k): v for k, v in g["labpal"].items() if k != "rescaled"} for g in sd["param_groups"]]
+    assert all("step" in e and "k" in e and "step_size" not in e for e in entries)
+    twin_model = mlp(torch.float64, seed=9)
+    twin_model.load_state_dict(model.state_dict())
+    twin = LABPAL(twin_model.parameters(), **options)
+    twin.load_state_dict({**sd, "param_groups": [{**g, "labpal": e} for g, e in zip(sd["param_groups"], entries)]})
+    lost = opt.stats["rescaled"]  # (not in the older checkpoint: counted from 0)
+    assert twin.stats == {**opt.stats, "rescaled": 0} and twin.step_size == opt.step_size
+    assert twin.state_dict()["param_groups"][0]["labpal"].keys() == sd["param_groups"][0]["labpal"].keys()
+    train(model, opt, 160, dtype=torch.float64, start=130, rng_seed=5)  # (a measurement at 260)
+    train(twin_model, twin, 160, dtype=torch.float64, start=130, rng_seed=5)
+    assert opt.stats["measurements"] > sd["param_groups"][0]["labpal"]["measurements"]
+    assert twin.stats == {**opt.stats, "rescaled": opt.stats["rescaled"] - lost}
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
 
 
 def test_bad_hyperparameters():
@@ -471,3 +498,22 @@ def test_low_precision_parameters_warn(dtype):
     fitted farther out (tests/test_labpal_measurement.py), and LABPAL says so."""
     with pytest.warns(SaLSAWarning, match="farther out.*fp32"):
         LABPAL(mlp(dtype).parameters(), **DIGITS)
+
+
+def test_labpal_reads_at_a_glance():
+    """No function or method in LABPAL's modules (its reference twin aside) is longer than 45
+    lines, ``def`` to its last line, docstring included."""
+    import ast
+    from pathlib import Path
+
+    import salsa_fast
+
+    root = Path(salsa_fast.__file__).parent
+    paths = [p for p in root.glob("labpal*.py") if p.name != "labpal_reference.py"] + [root / "parabola.py"]
+    assert len(paths) >= 5
+    lengths = {}
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lengths[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert {name: n for name, n in lengths.items() if n > 45} == {}

@@ -14,7 +14,7 @@ from conftest import DEVICE, DTYPES, SHAPES, TOL
 from helpers import assert_sums_close, cancellation_atol, close_state, fill_regions, max_abs_diff, mlp, param_values, train
 from torch import nn
 
-from salsa_fast import LABPAL, SaLSAWarning
+from salsa_fast import LABPAL, SaLSAWarning, testing
 from salsa_fast.backends import torch_ops
 from salsa_fast.flat import FlatBucket
 
@@ -144,7 +144,7 @@ def _groups(model):
     [
         (torch.float64, dict(mode="nsgd")),
         (torch.float64, dict(mode="sgd", momentum=0.5)),
-        (torch.float64, dict(mode="nsgd", momentum=0.5, batch_size_schedule=((0, 1), (30, 40)))),  # k = 3
+        (torch.float64, dict(mode="nsgd", momentum=0.5, batch_size_schedule=((0, 1), (30, 40)))),  # accumulation 3
         (torch.float32, dict(mode="sgd")),
         (torch.bfloat16, dict(mode="nsgd", momentum=0.5)),
     ],
@@ -171,7 +171,7 @@ def test_triton_backend_matches_torch_backend(dtype, options, monkeypatch):
         warnings.simplefilter("ignore", SaLSAWarning)  # bf16: measured farther out (see below)
         opt_a = LABPAL(_groups(a), backend="triton", **BRISK, **options)
         opt_b = LABPAL(_groups(b), backend="torch", **BRISK, **options)
-    assert opt_a._backend is triton_ops and opt_b._backend is torch_ops
+    assert testing.backend(opt_a) is triton_ops and testing.backend(opt_b) is torch_ops
     if dtype == torch.bfloat16:
         # bf16 cannot resolve the line's first sample (1.77e-4 in all, below its last bit), so
         # its measurements are fitted farther out (two more points a try, counted below); both
@@ -182,24 +182,18 @@ def test_triton_backend_matches_torch_backend(dtype, options, monkeypatch):
         opt_a.load_state_dict(warm_opt.state_dict())
         opt_b.load_state_dict(warm_opt.state_dict())
     before = dict(opt_a.stats)
-    points, losses_at = [0], opt_a._losses_at  # the points on the line opt_a evaluates
-
-    def counted_points(*args, **kwargs):
-        points[0] += 1
-        return losses_at(*args, **kwargs)
-
-    monkeypatch.setattr(opt_a, "_losses_at", counted_points)
-    ra = train(a, opt_a, calls, dtype=dtype)
+    with testing.line_points(opt_a) as points:  # the points on the line opt_a evaluates
+        ra = train(a, opt_a, calls, dtype=dtype)
     rb = train(b, opt_b, calls, dtype=dtype)
     assert ra.calls == rb.calls
-    counters = ("calls", "updates", "measurements", "abandoned", "rejected", "rescaled", "k", "forwards", "backwards")
+    counters = "calls updates measurements abandoned rejected rescaled accumulation forwards backwards".split()
     assert [opt_a.stats[c] for c in counters] == [opt_b.stats[c] for c in counters]
     assert opt_a.stats["measurements"] - before["measurements"] >= 2
     assert opt_a.step_size == pytest.approx(opt_b.step_size, rel=1e-6 if dtype == torch.float64 else 1e-2)
     tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.05}[dtype]
     assert max_abs_diff(a, b) <= tol
     s = {key: opt_a.stats[key] - before[key] for key in ("updates", "measurements", "abandoned", "skipped_updates")}
-    buckets = len(opt_a._buckets)
+    buckets = len(testing.buckets(opt_a))
     assert buckets == 2
     # Every finished measurement ends with an update (the one closing it): none is rejected
     # while no step exists (a fresh run accepts its first; bf16 starts from a measured step).
@@ -207,23 +201,23 @@ def test_triton_backend_matches_torch_backend(dtype, options, monkeypatch):
     closing = s["measurements"]
     training = s["updates"] - closing
     # two points a measurement, and two more for each try farther out (bf16 here)
-    assert points[0] >= 2 * s["measurements"]
-    assert (points[0] == 2 * s["measurements"]) == (opt_a.stats["rescaled"] == before["rescaled"])
+    assert len(points) >= 2 * s["measurements"]
+    assert (len(points) == 2 * s["measurements"]) == (opt_a.stats["rescaled"] == before["rescaled"])
     assert training > 0 and s["skipped_updates"] == 0  # (no non-finite direction here)
     # A measurement dropped after its direction check: with the schedule, the 16th update (the
-    # warm-up's end, call 24) forces a measurement at call 25 (k = 1: its direction is summed at
-    # once), which the k = 3 entry at call 30 starts over.
+    # warm-up's end, call 24) forces a measurement at call 25 (accumulation 1: its direction is
+    # summed at once), which the entry at call 30 (accumulation 3) starts over.
     dropped = 1 if "batch_size_schedule" in options else 0
     per_bucket = {
         "update": training,  # one pass per training update
         "sums": training + s["measurements"] + s["abandoned"] + dropped,  # and one per direction check
-        "point": points[0] + closing,  # the line's samples, the closing update
+        "point": len(points) + closing,  # the line's samples, the closing update
     }
     assert launches == {key: buckets * n for key, n in per_bucket.items()}  # one launch per bucket per pass
 
 def test_backend_choice_on_cpu(monkeypatch):
     model = mlp()
-    assert LABPAL(model.parameters(), backend="auto")._backend is torch_ops
+    assert testing.backend(LABPAL(model.parameters(), backend="auto")) is torch_ops
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter
     with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
         LABPAL(model.parameters(), backend="triton")

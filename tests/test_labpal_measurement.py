@@ -14,7 +14,7 @@ from salsa_fast import LABPAL, SaLSAWarning
 from salsa_fast.labpal_reference import LABPALReference
 from salsa_fast.parabola import GROWTH, H, RESOLUTION, next_scale, parabola_step, verdict
 
-DIGITS = dict(training_set_size=1797, batch_size=64)  # k = 1: one gradient batch per measurement
+DIGITS = dict(training_set_size=1797, batch_size=64)  # accumulation 1: one gradient batch per measurement
 N = 10  # inference batches per measurement (measure_batches), so 3N forwards at the reference's two points
 
 
@@ -274,7 +274,7 @@ def test_the_twin_measures_farther_out_the_same_way(options):
     run(ref, closure_b, 60)
     assert fast.stats["rescaled"] == ref.rescaled >= 2
     assert fast.stats["forwards"] == ref.forwards
-    assert fast.step_size == pytest.approx(ref.step_value, rel=1e-12)  # the same losses, fitted alike
+    assert fast.step_size == pytest.approx(ref.step_size, rel=1e-12)  # the same losses, fitted alike
     # The two write theta0 - x D / ||D|| in different orders of operations: a few roundings of
     # |theta| < 4 (2^-51 each) apart per update. Every move is along theta itself (the gradient
     # 2 theta, momentum too), r -> |r - step|, which carries a difference over without growing it.
@@ -292,7 +292,7 @@ def test_the_twin_measures_a_first_direction_of_any_norm():
     torch.manual_seed(0)
     run(ref, closure_b, N)
     assert fast.stats["measurements"] == 1 and fast.stats["forwards"] == ref.forwards == 3 * N
-    assert fast.step_size == ref.step_value == 1.0 * 1.8  # the minimum lies beyond max_step_size
+    assert fast.step_size == ref.step_size == 1.0 * 1.8  # the minimum lies beyond max_step_size
     # one closing update theta0 - step * D / ||D|| each, in two orders of operations: each within
     # half an ulp of its product (at most the step) and of its result, so both within an ulp of
     # the step and of the largest |theta| of each other

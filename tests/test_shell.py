@@ -19,7 +19,9 @@ OPTIMIZERS = {
     "LABPAL": lambda params: LABPAL(params, measure_batches=2, reuse_steps=5, warmup_updates=3),
 }
 # what each saves in its entry, a float that must be finite and > 0, and a counter
-ENTRY = {"SaLSA": ("salsa", "step_size", "step"), "LABPAL": ("labpal", "step", "calls")}
+ENTRY = {"SaLSA": ("salsa", "step_size", "steps"), "LABPAL": ("labpal", "step_size", "calls")}
+# the scalars the previous release saved under other names: {name now: name then}
+RENAMED = {"SaLSA": {"steps": "step"}, "LABPAL": {"step_size": "step", "accumulation": "k"}}
 
 
 @pytest.fixture(params=list(OPTIMIZERS))
@@ -177,7 +179,7 @@ def _bad_values(name):
         if isinstance(value, bool):
             cases += [(f.name, "yes")]
         elif isinstance(value, int):
-            cases += [(f.name, -1), (f.name, 1.5)] + ([(f.name, 0)] if f.name == "k" else [])  # (LABPAL's k >= 1)
+            cases += [(f.name, -1), (f.name, 1.5)] + ([(f.name, 0)] if f.name == "accumulation" else [])  # (LABPAL's >= 1)
         elif isinstance(value, list):
             cases += [(f.name, [1.0, math.nan]), (f.name, [-0.5]), (f.name, "1.0,nan"), (f.name, "0.5;0.25")]
         else:  # a float (or None until set)
@@ -277,12 +279,15 @@ def test_no_module_of_the_package_is_over_500_lines():
 
 def test_a_checkpoint_of_the_previous_layout_loads_and_resumes_exactly(name):
     """Checkpoints written before the groups held ``betas`` (SaLSA) or ``momentum`` (LABPAL),
-    and the run's scalars (they were a top-level entry)."""
+    and the run's scalars (they were a top-level entry, SaLSA's with ``step`` for ``steps``,
+    LABPAL's with ``step`` and ``k`` for ``step_size`` and ``accumulation``)."""
     key = {"SaLSA": "betas", "LABPAL": "momentum"}[name]
     entry = ENTRY[name][0]
     model, opt = _trained(name)
     _, old = _everything(model, opt)  # (a copy: the state's tensors are live views)
     old = as_previous_release(old, entry)
+    old[entry] = {RENAMED[name].get(k, k): v for k, v in old[entry].items()}
+    assert set(RENAMED[name].values()) <= set(old[entry])
     old["param_groups"] = [{k: v for k, v in g.items() if k != key} for g in old["param_groups"]]
     twin_model, twin = _trained(name, steps=3)  # (other scalars than the checkpoint's)
     twin_model.load_state_dict(model.state_dict())
