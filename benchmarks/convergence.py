@@ -36,8 +36,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -145,8 +145,9 @@ def tasks(device: torch.device, quick: bool) -> list[Task]:
         steps, width, conv, lm = 700, 256, 16, dict(batch=32, seq=64, width=96, layers=2, heads=4)
 
     def mlp():
-        return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                             nn.Linear(width, 10)).to(device)  # fmt: skip
+        return nn.Sequential(
+            nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+        ).to(device)
 
     return [
         digits_task("digits_mlp", mlp, device, steps),
@@ -191,7 +192,7 @@ def train(task: Task, make_opt, lr, seed: int, eval_every: int) -> dict:
         for i, (xb, yb) in enumerate(batches):
             if closure_based:
 
-                def closure(backwards=False):
+                def closure(backwards=False, xb=xb, yb=yb):
                     nonlocal forwards, backwards_done
                     forwards += 1
                     loss = task.loss_fn(model(xb), yb)
@@ -247,7 +248,9 @@ def summary(records: list[dict]) -> dict:
     for r in records:
         out.setdefault((r["task"], r["optimizer"]), []).append(r)
     return {
-        key: {m: mean_se([r[m] for r in rs]) for m in ("final_loss", "peak_accuracy", "wall_s", "forwards", "backwards")}
+        key: {
+            m: mean_se([r[m] for r in rs]) for m in ("final_loss", "peak_accuracy", "wall_s", "forwards", "backwards")
+        }
         for key, rs in out.items()
     }
 
@@ -267,8 +270,13 @@ def tables(records: list[dict], env: dict, chosen_lrs: dict) -> str:
         ("final_loss", "Final training loss (lower is better; mean over the last 10% of steps)", min),
         ("peak_accuracy", "Peak held-out accuracy (higher is better)", max),
     ):
-        lines += ["", f"## {title}", "", "| optimizer | " + " | ".join(task_names) + " |",
-                  "| --- |" + " ---: |" * len(task_names)]  # fmt: skip
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| optimizer | " + " | ".join(task_names) + " |",
+            "| --- |" + " ---: |" * len(task_names),
+        ]
         best = {t: better(s[(t, o)][metric][0] for o in opt_names if (t, o) in s) for t in task_names}
         for o in opt_names:
             cells = []
@@ -277,8 +285,13 @@ def tables(records: list[dict], env: dict, chosen_lrs: dict) -> str:
                 fmt = f"{m:.4f} +- {se:.4f}" if metric == "final_loss" else f"{100 * m:.2f} +- {100 * se:.2f}%"
                 cells.append(f"**{fmt}**" if m == best[t] else fmt)
             lines.append(f"| {o} | " + " | ".join(cells) + " |")
-    lines += ["", "## Compute of each line search over its base optimizer", "",
-              "| optimizer | task | forwards/step | wall time vs base |", "| --- | --- | ---: | ---: |"]  # fmt: skip
+    lines += [
+        "",
+        "## Compute of each line search over its base optimizer",
+        "",
+        "| optimizer | task | forwards/step | wall time vs base |",
+        "| --- | --- | ---: | ---: |",
+    ]
     steps = {t: next(r["steps"] for r in records if r["task"] == t) for t in task_names}
     for o in opt_names:
         if o not in BASE:
@@ -370,8 +383,17 @@ def main(argv=None) -> list[dict]:
                 if lr is not None:
                     chosen[(task.name, name)] = lr
                 for seed, r in zip(seeds, by_lr[lr]):
-                    records.append({"task": task.name, "optimizer": name, "seed": seed, "lr": lr,
-                                    "steps": len(r["losses"]), **r, **env})  # fmt: skip
+                    records.append(
+                        {
+                            "task": task.name,
+                            "optimizer": name,
+                            "seed": seed,
+                            "lr": lr,
+                            "steps": len(r["losses"]),
+                            **r,
+                            **env,
+                        }
+                    )
     text = tables(records, env, chosen)
     print(text)
     if args.markdown:

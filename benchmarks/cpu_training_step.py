@@ -83,7 +83,7 @@ def run(name: str, batches, width: int) -> dict:
                 opt.step()
                 continue
 
-            def closure(backwards=False):
+            def closure(backwards=False, xb=xb, yb=yb):
                 nonlocal closure_seconds, calls
                 t = time.perf_counter()
                 loss = loss_fn(model(xb), yb)
@@ -147,10 +147,13 @@ def main(argv=None) -> list[dict]:
     }
     same = None  # per round: steps before the first decision that differs from the published one
     if "published_salsa" in names:
-        same = [_steps_agreeing(r["salsa_fast"]["calls_after_step"], r["published_salsa"]["calls_after_step"]) for r in rounds]
+        same = [
+            _steps_agreeing(r["salsa_fast"]["calls_after_step"], r["published_salsa"]["calls_after_step"])
+            for r in rounds
+        ]
     records = []
     for name in names:
-        med = lambda key: statistics.median(r[name][key] for r in rounds)  # noqa: E731
+        med = lambda key, name=name: statistics.median(r[name][key] for r in rounds)  # noqa: E731
         ratio = statistics.median(r[name]["ms_per_step"] / r["adam_foreach"]["ms_per_step"] for r in rounds)
         opt_ms = None if name.startswith("adam") else med("optimizer_ms_per_step")
         records.append(

@@ -74,8 +74,13 @@ CUDA_TESTS = [
 # (chosen by keyword: a renamed test is deselected, not an error).
 CPU_TESTS = ["tests/test_cuda.py", "tests/test_kernels.py", "-k", "test_cuda or empty_bucket"]
 # the non-search step over Adam(fused): with the non-finite probe ("step") and without ("step_kernel")
-TARGETS = {"ratio_from": 10**7, "ratio": {"step": 1.15, "step_kernel": 1.05},
-           "bandwidth_from": 10**8, "step_pct": 85.0, "search_pct": 100 / 1.15}  # fmt: skip
+TARGETS = {
+    "ratio_from": 10**7,
+    "ratio": {"step": 1.15, "step_kernel": 1.05},
+    "bandwidth_from": 10**8,
+    "step_pct": 85.0,
+    "search_pct": 100 / 1.15,
+}
 TAIL_CHARS = 6000
 
 
@@ -133,16 +138,58 @@ def commands(args, cuda: bool, f: dict[str, str], tmp: str) -> dict[str, list[st
         tests = present
     steps = args.overhead_steps or (6 if args.quick else 300)
     return {
-        "tests": [py, "-m", "pytest", *tests, "-v", "-rfE", "--tb=short", "-p", "no:cacheprovider",
-                  f"--junitxml={os.path.join(tmp, 'junit.xml')}", *pytest_extras(cuda, args)],  # fmt: skip
-        "optimizer_step": [py, bench("optimizer_step.py"), *dev, "--sizes", *sizes, "--dtypes", "float32", "bfloat16",
-                           "--repeats", str(args.repeats), "--json", f["optimizer_step_json"],
-                           "--plot", f["optimizer_step_png"]],  # fmt: skip
-        "profile": [py, bench("profile_steps.py"), *dev, "--json", os.path.join(tmp, "profile.json"),
-                    "--markdown", f["profile_md"]] + (["--quick", "--timed", "6"] if args.quick else []),  # fmt: skip
-        "overhead": [py, bench("overhead.py"), *dev, "--steps", str(steps), "--warm-kernels",
-                     "--json", f["overhead_json"], "--markdown", f["overhead_md"]]
-                    + (["--quick"] if args.quick and not cuda else []),  # fmt: skip
+        "tests": [
+            py,
+            "-m",
+            "pytest",
+            *tests,
+            "-v",
+            "-rfE",
+            "--tb=short",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={os.path.join(tmp, 'junit.xml')}",
+            *pytest_extras(cuda, args),
+        ],
+        "optimizer_step": [
+            py,
+            bench("optimizer_step.py"),
+            *dev,
+            "--sizes",
+            *sizes,
+            "--dtypes",
+            "float32",
+            "bfloat16",
+            "--repeats",
+            str(args.repeats),
+            "--json",
+            f["optimizer_step_json"],
+            "--plot",
+            f["optimizer_step_png"],
+        ],
+        "profile": [
+            py,
+            bench("profile_steps.py"),
+            *dev,
+            "--json",
+            os.path.join(tmp, "profile.json"),
+            "--markdown",
+            f["profile_md"],
+        ]
+        + (["--quick", "--timed", "6"] if args.quick else []),
+        "overhead": [
+            py,
+            bench("overhead.py"),
+            *dev,
+            "--steps",
+            str(steps),
+            "--warm-kernels",
+            "--json",
+            f["overhead_json"],
+            "--markdown",
+            f["overhead_md"],
+        ]
+        + (["--quick"] if args.quick and not cuda else []),
     }
 
 
@@ -190,8 +237,15 @@ def failure_line(output: str, rc: int) -> str:
 def run_stage(name: str, cmd: list[str], timeout: float, log_path: str, env: dict, echo: bool) -> dict:
     start = time.monotonic()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         pump = threading.Thread(target=_pump, args=(proc.stdout, log, echo), daemon=True)
         pump.start()
         try:
@@ -290,9 +344,18 @@ def step_headline(records: list[dict]) -> dict:
                 adam, step = find("adam_fused", "step", n, dtype), find(salsa, pass_name, n, dtype)
                 if adam and step:
                     ratio = step["ms_per_step"] / adam["ms_per_step"]
-                    ratios.append({"n_params": n, "dtype": dtype, "pass": pass_name,
-                                   "adam_fused_ms": adam["ms_per_step"], "salsa_step_ms": step["ms_per_step"], "ratio": ratio, "target": target,
-                                   "meets_target": ratio <= target})  # fmt: skip
+                    ratios.append(
+                        {
+                            "n_params": n,
+                            "dtype": dtype,
+                            "pass": pass_name,
+                            "adam_fused_ms": adam["ms_per_step"],
+                            "salsa_step_ms": step["ms_per_step"],
+                            "ratio": ratio,
+                            "target": target,
+                            "meets_target": ratio <= target,
+                        }
+                    )
     for n in at_least(TARGETS["bandwidth_from"]):
         for dtype in dtypes:
             passes = [("adam_fused", "step")] + [(salsa, p) for p in ("step", "first_pass", "trial", "commit")]
@@ -301,10 +364,19 @@ def step_headline(records: list[dict]) -> dict:
                 if r is None:
                     continue
                 target = None if opt == "adam_fused" else TARGETS["step_pct" if pass_name == "step" else "search_pct"]
-                bandwidth.append({"n_params": n, "dtype": dtype, "optimizer": opt, "pass": pass_name,
-                                  "gb_per_s": r["gb_per_s"], "pct_of_copy": r["pct_of_copy"],
-                                  "pct_of_datasheet": r["pct_of_datasheet"], "target_pct": target,
-                                  "meets_target": None if target is None else r["pct_of_copy"] >= target})  # fmt: skip
+                bandwidth.append(
+                    {
+                        "n_params": n,
+                        "dtype": dtype,
+                        "optimizer": opt,
+                        "pass": pass_name,
+                        "gb_per_s": r["gb_per_s"],
+                        "pct_of_copy": r["pct_of_copy"],
+                        "pct_of_datasheet": r["pct_of_datasheet"],
+                        "target_pct": target,
+                        "meets_target": None if target is None else r["pct_of_copy"] >= target,
+                    }
+                )
     return {
         "salsa": salsa,
         "ratio_from": at_least(TARGETS["ratio_from"])[0],
@@ -322,10 +394,19 @@ def overhead_headline(records: list[dict]) -> list[dict]:
     for r in records:
         if r["optimizer"] == salsa:
             adam = next(a for a in records if a["workload"] == r["workload"] and a["optimizer"] == "adam_fused")
-            rows.append({"workload": r["workload"], "n_params": r["n_params"], "optimizer": salsa,
-                         "adam_fused_ms": adam["ms_per_step"], "salsa_ms": r["ms_per_step"],
-                         "ratio_vs_adam": r["ratio_vs_adam"], "forwards_per_step": r["forwards_per_step"],
-                         "searched_fraction": r["searched_fraction"], "steps": r["steps"]})  # fmt: skip
+            rows.append(
+                {
+                    "workload": r["workload"],
+                    "n_params": r["n_params"],
+                    "optimizer": salsa,
+                    "adam_fused_ms": adam["ms_per_step"],
+                    "salsa_ms": r["ms_per_step"],
+                    "ratio_vs_adam": r["ratio_vs_adam"],
+                    "forwards_per_step": r["forwards_per_step"],
+                    "searched_fraction": r["searched_fraction"],
+                    "steps": r["steps"],
+                }
+            )
     return rows
 
 
@@ -349,8 +430,11 @@ def device_record(device: torch.device) -> dict:
     env["git"] = git_revision()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(cuda=torch.version.cuda, memory_gib=round(props.total_memory / 2**30, 1),
-                   multiprocessors=props.multi_processor_count)  # fmt: skip
+        env.update(
+            cuda=torch.version.cuda,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+        )
     return env
 
 
@@ -360,8 +444,9 @@ def write_tests_file(path: str, stage: dict, counts: dict | None) -> None:
         out = out[:1_000_000] + "\n[... cut ...]\n" + out[-3_000_000:]
     head = [f"$ {stage['command']}", f"status: {stage['status']} ({stage['seconds']} s)"]
     if counts:
-        head.append("counts ({source}): {passed} passed, {failed} failed, {errors} errors, {skipped} skipped"
-                    .format(**counts))  # fmt: skip
+        head.append(
+            "counts ({source}): {passed} passed, {failed} failed, {errors} errors, {skipped} skipped".format(**counts)
+        )
         head += [f"FAILED {t}" for t in counts["failed_tests"]]
     with open(path, "w") as fh:
         fh.write("\n".join(head) + "\n\n" + out + "\n")
@@ -531,8 +616,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check of every stage")
     parser.add_argument("--tag", help="file name suffix (default: from the device name, e.g. h200; cpu)")
-    parser.add_argument("--budget", type=float, default=500.0,
-                        help="seconds for all stages (one past its deadline takes <= 25 s to stop)")  # fmt: skip
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=500.0,
+        help="seconds for all stages (one past its deadline takes <= 25 s to stop)",
+    )
     parser.add_argument("--only", nargs="+", choices=STAGES, help="run these stages alone")
     parser.add_argument("--skip", nargs="+", choices=STAGES, default=[], help="leave these stages out")
     parser.add_argument("--tests", nargs="+", help="test files or node ids instead of the defaults")
@@ -594,8 +683,10 @@ def main(argv=None) -> int:
         for name in selected:
             deadline += args.budget * SHARES[name] / total_share  # what earlier stages left unused carries over
             limit = deadline - time.monotonic()
-            print(f"[gpu_suite {_clock(start)}] {name}: start, {limit:.0f} s left for it\n  $ {shlex.join(plan[name])}",
-                  flush=True)  # fmt: skip
+            print(
+                f"[gpu_suite {_clock(start)}] {name}: start, {limit:.0f} s left for it\n  $ {shlex.join(plan[name])}",
+                flush=True,
+            )
             missing = [m for m in REQUIRES[name] if importlib.util.find_spec(m) is None]
             if missing:
                 result = _not_run(name, plan[name], "failed", f"missing module(s): {', '.join(missing)}")
@@ -612,8 +703,10 @@ def main(argv=None) -> int:
             suite["seconds"] = time.monotonic() - start
             write_suite(suite, f)  # after every stage: a run cut short keeps what it did
             note = result.get("note") or result.get("reason") or ""
-            print(f"[gpu_suite {_clock(start)}] {name}: {result['status']} in {result['seconds']:.0f} s. {note}",
-                  flush=True)  # fmt: skip
+            print(
+                f"[gpu_suite {_clock(start)}] {name}: {result['status']} in {result['seconds']:.0f} s. {note}",
+                flush=True,
+            )
 
     with open(f["summary"]) as fh:
         print("\n" + fh.read())

@@ -111,7 +111,11 @@ def markdown(records: list[dict], env: dict) -> str:
             f"| {mode} | {ok}/{len(rs)} | {statistics.median(finals):.4g} | {max(finals):.4g} | "
             f"{max(r['calls_per_step'] for r in rs):.3f} |"
         )
-    lines += ["", "| mode | model | width | seed | initial | final | measurements (rejected, rescaled) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines += [
+        "",
+        "| mode | model | width | seed | initial | final | measurements (rejected, rescaled) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in records:
         lines.append(
             f"| {r['mode']} | {r['model']} | {r['width']} | {r['seed']} | {r['initial_loss']:.3f} | "

@@ -108,9 +108,16 @@ def drift(dtype: torch.dtype, seed: int, steps: int, device: torch.device) -> di
 
     ca, cb = runs["default"][1], runs["lean"][1]
     same = next((i for i, (u, v) in enumerate(zip(ca, cb)) if u != v), len(ca))
-    return {"dtype": str(dtype).replace("torch.", ""), "seed": seed, "steps": steps, "same_decisions_steps": same,
-            "max_abs_param_diff": distance("default", "lean"), "loss_default": runs["default"][2],
-            "loss_lean": runs["lean"][2], "nudged_max_abs_param_diff": distance("default", "nudged")}  # fmt: skip
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "seed": seed,
+        "steps": steps,
+        "same_decisions_steps": same,
+        "max_abs_param_diff": distance("default", "lean"),
+        "loss_default": runs["default"][2],
+        "loss_lean": runs["lean"][2],
+        "nudged_max_abs_param_diff": distance("default", "nudged"),
+    }
 
 
 def markdown(env: dict, memory: list[dict], drifts: list[dict], width: int, steps: int) -> str:
@@ -129,9 +136,11 @@ def markdown(env: dict, memory: list[dict], drifts: list[dict], width: int, step
     by_name = {r["optimizer"]: r for r in memory}
     for r in memory:
         base = by_name[BASELINE[r["optimizer"]]]
-        row = (f"| {r['optimizer']} | {r['live_bytes'] / 2**20:.2f} | {base['optimizer']} | "
-               f"{r['live_bytes'] / base['live_bytes']:.3f}x | {r['live_bytes'] - base['live_bytes']:+,d} | "
-               f"{r['live_bytes'] / r['param_bytes']:.3f} |")  # fmt: skip
+        row = (
+            f"| {r['optimizer']} | {r['live_bytes'] / 2**20:.2f} | {base['optimizer']} | "
+            f"{r['live_bytes'] / base['live_bytes']:.3f}x | {r['live_bytes'] - base['live_bytes']:+,d} | "
+            f"{r['live_bytes'] / r['param_bytes']:.3f} |"
+        )
         if "peak_bytes" in r:
             row += f" {r['peak_bytes'] / 2**20:.2f} |"
         lines.append(row)
@@ -145,7 +154,8 @@ def markdown(env: dict, memory: list[dict], drifts: list[dict], width: int, step
     ]
     for d in drifts:
         lines.append(
-            f"| {d['dtype']} | {d['seed']} | {d['same_decisions_steps']} / {d['steps']} | {d['max_abs_param_diff']:.2e} | "
+            f"| {d['dtype']} | {d['seed']} | {d['same_decisions_steps']} / {d['steps']} "
+            f"| {d['max_abs_param_diff']:.2e} | "
             f"{d['loss_default']:.6f} / {d['loss_lean']:.6f} | {d['nudged_max_abs_param_diff']:.2e} |"
         )
     return "\n".join(lines) + "\n"
@@ -159,7 +169,9 @@ def plot(memory: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     names = [r["optimizer"] for r in memory]
-    colors = ["#4a4" if n.endswith("_lean") else "#888" if BASELINE[n] == n or n == "adam_fused" else "#c44" for n in names]
+    colors = [
+        "#4a4" if n.endswith("_lean") else "#888" if BASELINE[n] == n or n == "adam_fused" else "#c44" for n in names
+    ]
     ax.barh(names, [r["live_bytes"] / 2**20 for r in memory], color=colors)
     for k, ls in ((4, ":"), (3, "--")):
         ax.axvline(memory[0]["param_bytes"] * k / 2**20, color="k", lw=0.8, ls=ls, label=f"{k} x parameters")

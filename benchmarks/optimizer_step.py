@@ -31,10 +31,12 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import copy_bandwidth_gb_s, datasheet_peak, environment, time_ms, write_json  # noqa: E402
 
-from salsa_fast import SaLSA  # noqa: E402
+from salsa_fast import (
+    SaLSA,  # noqa: E402
+    testing,
+)
 from salsa_fast.backends import Hyper  # noqa: E402
 from salsa_fast.step_state import StepState  # noqa: E402
-from salsa_fast import testing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -198,17 +200,30 @@ def plot(records: list[dict], path: str) -> None:
             series.setdefault((r["optimizer"], r["pass"]), []).append(r)
     for (opt, pass_name), rs in series.items():
         style = "-" if opt.startswith("salsa") else "--"
-        ax_bw.plot([r["n_params"] for r in rs], [r["gb_per_s"] for r in rs], style, marker="o", ms=3,
-                   label=f"{opt} {pass_name}")  # fmt: skip
+        ax_bw.plot(
+            [r["n_params"] for r in rs],
+            [r["gb_per_s"] for r in rs],
+            style,
+            marker="o",
+            ms=3,
+            label=f"{opt} {pass_name}",
+        )
         if pass_name in ("step", "step_kernel"):
-            ax_ratio.plot([r["n_params"] for r in rs], [r["ratio_vs_adam"] for r in rs], style, marker="o", ms=3,
-                          label=f"{opt} {pass_name}")  # fmt: skip
+            ax_ratio.plot(
+                [r["n_params"] for r in rs],
+                [r["ratio_vs_adam"] for r in rs],
+                style,
+                marker="o",
+                ms=3,
+                label=f"{opt} {pass_name}",
+            )
     copy = records[0]["copy_gb_per_s"]
     ax_bw.axhline(copy, color="gray", lw=1, ls=":", label=f"measured copy {copy:.0f} GB/s")
     ax_bw.set(xscale="log", xlabel="parameters", ylabel="GB/s (byte floor / time)", title=f"Bandwidth ({dtype})")
     ax_ratio.axhline(1.0, color="gray", lw=1, ls=":")
-    ax_ratio.set(xscale="log", xlabel="parameters", ylabel="time / Adam(fused) step",
-                 title="Non-search step vs Adam(fused)")  # fmt: skip
+    ax_ratio.set(
+        xscale="log", xlabel="parameters", ylabel="time / Adam(fused) step", title="Non-search step vs Adam(fused)"
+    )
     for ax in (ax_bw, ax_ratio):
         ax.legend(fontsize=7)
     fig.suptitle(f"{records[0]['device_name']}: torch {records[0]['torch']}, triton {records[0]['triton']}")

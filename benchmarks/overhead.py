@@ -35,8 +35,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import workloads  # noqa: E402
 from common import environment, sync, write_json  # noqa: E402
 
-from salsa_fast import SaLSA  # noqa: E402
-from salsa_fast import testing
+from salsa_fast import (
+    SaLSA,  # noqa: E402
+    testing,
+)
 
 try:
     from salsa.SaLSA import SaLSA as PublishedSaLSA
@@ -135,8 +137,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     parser.add_argument("--plot", help="bar chart of the ratios to Adam (PNG)")
-    parser.add_argument("--warm-kernels", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile every SaLSA kernel variant before timing (default: on CUDA)")  # fmt: skip
+    parser.add_argument(
+        "--warm-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile every SaLSA kernel variant before timing (default: on CUDA)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     warm = device.type == "cuda" if args.warm_kernels is None else args.warm_kernels
@@ -202,14 +208,20 @@ def plot(records: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(opts)
     for j, opt in enumerate(opts):
-        ratios = [next(r["ratio_vs_adam"] for r in records if r["workload"] == w and r["optimizer"] == opt) for w in names]
+        ratios = [
+            next(r["ratio_vs_adam"] for r in records if r["workload"] == w and r["optimizer"] == opt) for w in names
+        ]
         bars = ax.bar([i + j * width for i in range(len(names))], ratios, width, label=opt)
         ax.bar_label(bars, fmt="%.2f", fontsize=6)
     ax.axhline(1.0, color="gray", lw=1, ls=":")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
-    ax.set(ylabel="time per training step / Adam(fused)", title=(
-        f"Whole training steps, {records[0]['steps']} per run: {records[0]['device_name']}, torch {records[0]['torch']}"
-    ))  # fmt: skip
+    ax.set(
+        ylabel="time per training step / Adam(fused)",
+        title=(
+            f"Whole training steps, {records[0]['steps']} per run: "
+            f"{records[0]['device_name']}, torch {records[0]['torch']}"
+        ),
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

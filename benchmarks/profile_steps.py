@@ -33,8 +33,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import workloads  # noqa: E402
 from common import environment, sync, write_json  # noqa: E402
 
-from salsa_fast import SaLSA  # noqa: E402
-from salsa_fast import testing
+from salsa_fast import (
+    SaLSA,  # noqa: E402
+    testing,
+)
 
 KINDS = {True: "search", False: "non-search"}
 STEP_RANGE = "profile_steps.step"
@@ -235,7 +237,8 @@ def format_markdown(r: dict) -> str:
         + ("" if r["both_kinds_in_warmup"] else " (without a non-search step among them: kernels may be compiling)")
         + ".",
         "",
-        "Unprofiled (means over the steps of each kind): host ms until `step()` returned, wall ms until the device finished.",
+        "Unprofiled (means over the steps of each kind): host ms until `step()` returned, "
+        "wall ms until the device finished.",
         "",
         "| step | steps | host ms | wall ms |",
         "| --- | ---: | ---: | ---: |",
@@ -262,9 +265,10 @@ def profiled_steps_table(r: dict) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in r["profiled"]:
-        dev = (lambda key, fmt="d": format(p[key], fmt)) if cuda else (lambda key, fmt="d": "-")  # no CUDA events
+        dev = (lambda key, fmt="d", p=p: format(p[key], fmt)) if cuda else (lambda key, fmt="d": "-")  # no CUDA events
         lines.append(
-            f"| {p['step']} | {p['trials']} | {dev('kernels')} | {dev('launches')} | {dev('syncs')} | {dev('copies')} | "
+            f"| {p['step']} | {p['trials']} | {dev('kernels')} | {dev('launches')} | {dev('syncs')} "
+            f"| {dev('copies')} | "
             f"{_f(p['host_ms'])} | {dev('device_ms', '.3f')} | {dev('own_kernels')} | {_f(p['own_host_ms'])} | "
             f"{dev('own_device_ms', '.3f')} |"
         )

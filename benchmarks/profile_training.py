@@ -29,8 +29,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import workloads  # noqa: E402
 from common import environment, sync  # noqa: E402
 
-from salsa_fast import SaLSA  # noqa: E402
-from salsa_fast import testing
+from salsa_fast import (
+    SaLSA,  # noqa: E402
+    testing,
+)
 
 
 def main(argv=None) -> str:
@@ -47,9 +49,13 @@ def main(argv=None) -> str:
     device = torch.device(args.device)
 
     if device.type == "cuda":
-        work = workloads.char_transformer(device, args.warmup + args.steps, batch=32, seq=256, width=512, layers=8, heads=8)
+        work = workloads.char_transformer(
+            device, args.warmup + args.steps, batch=32, seq=256, width=512, layers=8, heads=8
+        )
     else:
-        work = workloads.char_transformer(device, args.warmup + args.steps, batch=16, seq=64, width=128, layers=2, heads=4)
+        work = workloads.char_transformer(
+            device, args.warmup + args.steps, batch=16, seq=64, width=128, layers=2, heads=4
+        )
     opt = SaLSA(work.model.parameters(), backend=args.backend)
 
     def train_step(xb, yb):

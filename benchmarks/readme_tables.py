@@ -51,7 +51,7 @@ OPEN = re.compile(
     r"by benchmarks/readme_tables\.py -->[ \t]*$"
 )
 CLOSE = "<!-- /results:{name} -->"
-WORDS = dict(enumerate("zero one two three four five six seven eight nine ten".split()))
+WORDS = dict(enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]))
 
 
 class ProseMismatch(ValueError):
@@ -100,7 +100,7 @@ def _sci(x: float, digits: int) -> str:
 
 def sig(x: float, digits: int = 2) -> str:
     """``digits`` significant digits, plainly written: 0.013, 0.33, 2.3, 214."""
-    if abs(x) >= 10 ** digits:
+    if abs(x) >= 10**digits:
         return f"{x:.0f}"
     return f"{x:.{digits}g}"
 
@@ -131,8 +131,10 @@ def _agreement(fast: dict) -> str:
     if all(a == steps for a in agree):
         return f"on all {steps * rounds} steps"
     first = ", ".join(f"step {a + 1}" for a in agree if a < steps)
-    return (f"on every step of {_count(sum(a == steps for a in agree), rounds)} rounds of {steps} steps; "
-            f"in the others the first different decision came at {first}")  # fmt: skip
+    return (
+        f"on every step of {_count(sum(a == steps for a in agree), rounds)} rounds of {steps} steps; "
+        f"in the others the first different decision came at {first}"
+    )
 
 
 def headline(records: list[dict]) -> Callable[[int], list[str]]:
@@ -159,11 +161,15 @@ def cpu_training_step(records: list[dict]) -> Callable[[int], list[str]]:
         "published_salsa": "published `salsa.SaLSA`",
     }
     rows = [
-        [names[r["optimizer"]], f"{r['ms_per_step']:.1f}", f"{r['ratio_vs_adam']:.2f}x",
-         "" if r["optimizer_ms_per_step"] is None else f"{r['optimizer_ms_per_step']:.1f}",
-         f"{r['closure_calls_per_step']:.2f}"]
+        [
+            names[r["optimizer"]],
+            f"{r['ms_per_step']:.1f}",
+            f"{r['ratio_vs_adam']:.2f}x",
+            "" if r["optimizer_ms_per_step"] is None else f"{r['optimizer_ms_per_step']:.1f}",
+            f"{r['closure_calls_per_step']:.2f}",
+        ]
         for r in records
-    ]  # fmt: skip
+    ]
     table = markdown_table(
         ["optimizer", "ms/step", "vs Adam(foreach)", "optimizer-side ms/step", "closure calls/step"], rows, "lrrrr"
     )
@@ -201,17 +207,27 @@ def memory(result: dict) -> Callable[[int], list[str]]:
     adam, fused, fast, lean = by["adam_foreach"], by["adam_fused"], by["salsa_fast"], by["salsa_fast_lean"]
     mib = lambda r: f"{r['live_bytes'] / 2**20:.2f}"  # noqa: E731
     over = lambda r: r["live_bytes"] - adam["live_bytes"]  # noqa: E731
-    row = lambda name, r: [name, mib(r), f"{r['live_bytes'] / adam['live_bytes']:.3f}x", f"{over(r):+,d}" if over(r) else "0"]  # noqa: E731
-    rows = ([row("`torch.optim.Adam` (foreach or fused)", adam)] if fused["live_bytes"] == adam["live_bytes"]
-            else [row("`torch.optim.Adam(foreach=True)`", adam), row("`torch.optim.Adam(fused=True)`", fused)])  # fmt: skip
+
+    def row(name, r):
+        return [name, mib(r), f"{r['live_bytes'] / adam['live_bytes']:.3f}x", f"{over(r):+,d}" if over(r) else "0"]
+
+    rows = (
+        [row("`torch.optim.Adam` (foreach or fused)", adam)]
+        if fused["live_bytes"] == adam["live_bytes"]
+        else [row("`torch.optim.Adam(foreach=True)`", adam), row("`torch.optim.Adam(fused=True)`", fused)]
+    )
     rows += [row("`SaLSA()`", fast), row("`SaLSA(keep_backup=False)`", lean)]
     width, param_bytes = _mlp_width(adam["params"]), adam["param_bytes"]
     copies = over(fast) / param_bytes
     _premise(round(copies) == 2 and abs(copies - 2) < 0.01, "the default's excess is two parameter-sized buffers")
     # Adam: a 4-byte 0-dim step tensor per parameter (6 of them); SaLSA: one 8-byte count per device
     _premise(over(lean) == 8 - 6 * 4, "keep_backup=False holds 16 bytes less than Adam")
-    peak = ("CUDA peak bytes (`torch.cuda.max_memory_allocated`) are in the script's output on a GPU; none "
-            "has been measured yet." if env["device"] == "cpu" else "")  # fmt: skip
+    peak = (
+        "CUDA peak bytes (`torch.cuda.max_memory_allocated`) are in the script's output on a GPU; none "
+        "has been measured yet."
+        if env["device"] == "cpu"
+        else ""
+    )
     return _prose(
         f"Measured between steps (`benchmarks/memory.py`, a census of live tensor storages; "
         f"`benchmarks/results/memory_cpu.*`, {env['device_name']} {env['device'].upper()}, torch {env['torch']}, "
@@ -380,9 +396,11 @@ def main(argv=None) -> int:
     if args.check:
         if new == old:
             return 0
-        sys.stdout.writelines(difflib.unified_diff(
-            old.splitlines(keepends=True), new.splitlines(keepends=True), "README.md", "README.md (from results)"
-        ))  # fmt: skip
+        sys.stdout.writelines(
+            difflib.unified_diff(
+                old.splitlines(keepends=True), new.splitlines(keepends=True), "README.md", "README.md (from results)"
+            )
+        )
         print("README.md differs from benchmarks/results/: run python benchmarks/readme_tables.py", file=sys.stderr)
         return 1
     if new != old:

@@ -77,4 +77,3 @@ def test_training_step(benchmark, workload, optimizer):
             torch.cuda.synchronize()
 
     benchmark.pedantic(step, rounds=60, iterations=1, warmup_rounds=2)
-

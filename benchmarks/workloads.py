@@ -11,8 +11,8 @@ the device, plus the loss. ``scale`` grows the models for GPUs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -81,9 +81,15 @@ class DigitsConvNet(nn.Module):
         super().__init__()
         c = channels
         self.features = nn.Sequential(
-            nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, 2 * c, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
+            nn.Conv2d(1, c, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * c, 2 * c, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.head = nn.Linear(2 * c * 2 * 2, 10)
 
     def forward(self, x):
@@ -140,9 +146,16 @@ def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def char_transformer(
-    device, steps: int, batch: int = 32, seq: int = 64, width: int = 128, layers: int = 2, heads: int = 4,
-    dropout: float = 0.0, seed: int = 0,
-) -> Workload:  # fmt: skip
+    device,
+    steps: int,
+    batch: int = 32,
+    seq: int = 64,
+    width: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> Workload:
     ids, vocab = char_corpus()
     torch.manual_seed(seed)
     model = CharGPT(vocab, width, layers, heads, seq, dropout)
@@ -175,4 +188,3 @@ def standard(device: torch.device, steps: int, quick: bool) -> list[Callable[[],
         lambda: digits_convnet(device, steps, channels=32),
         lambda: char_transformer(device, steps, batch=32, seq=64, width=128, layers=4, heads=4),
     ]
-

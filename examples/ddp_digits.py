@@ -62,7 +62,7 @@ def train(args: argparse.Namespace) -> None:
         batch = torch.randint(0, len(x), (args.batch,), generator=order).to(device)
         mine = batch[rank * share : (rank + 1) * share]
 
-        def closure(backwards=False):
+        def closure(backwards=False, mine=mine):
             loss = nn.functional.cross_entropy(model(x[mine]), y[mine])
             if backwards:
                 loss.backward()
@@ -72,8 +72,10 @@ def train(args: argparse.Namespace) -> None:
         loss = optimizer.step(closure)
         if rank == 0 and step % 25 == 0:
             info = optimizer.last_step
-            print(f"step {step:4d}  loss (rank 0's share) {loss.item():.4f}  step size {info.step_size:.3g}  "
-                  f"{'searched, ' + str(info.trials) + ' trials' if info.searched else ''}")  # fmt: skip
+            print(
+                f"step {step:4d}  loss (rank 0's share) {loss.item():.4f}  step size {info.step_size:.3g}  "
+                f"{'searched, ' + str(info.trials) + ' trials' if info.searched else ''}"
+            )
 
     # Every rank must hold the same parameters: compare checksums.
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)

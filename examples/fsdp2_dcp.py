@@ -62,7 +62,11 @@ def checkpoint_to_resume(resume: str | None, directory: str) -> tuple[int, str] 
         return None
     if resume != "newest":
         return int(os.path.basename(os.path.normpath(resume)).split("-")[1]), resume
-    steps = [int(d.split("-")[1]) for d in os.listdir(directory) if d.startswith("step-")] if os.path.isdir(directory) else []
+    steps = (
+        [int(d.split("-")[1]) for d in os.listdir(directory) if d.startswith("step-")]
+        if os.path.isdir(directory)
+        else []
+    )
     return (max(steps), os.path.join(directory, f"step-{max(steps)}")) if steps else None
 
 
@@ -75,6 +79,35 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+def build(args: argparse.Namespace, device: torch.device, x: torch.Tensor):
+    """The model, sharded on every rank, and its optimizer (made after sharding: it works on each
+    rank's shards)."""
+    torch.manual_seed(0)  # the same initial weights on every rank, before sharding
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    if args.optimizer == "salsa":
+        return model, SaLSA(model.parameters())
+    return model, LABPAL(model.parameters(), training_set_size=len(x), batch_size=args.batch)
+
+
+def resume(args: argparse.Namespace, model: nn.Module, optimizer) -> int:
+    """Load the latest checkpoint (or the one asked for), if any; the step to go on from."""
+    found = checkpoint_to_resume(args.resume, args.checkpoint_dir)
+    if not found:
+        return 0
+    start, path = found
+    checkpoint = state_dicts(model, optimizer)
+    dcp.load(checkpoint, checkpoint_id=path)  # each rank reads its shards (resharded if the world changed)
+    set_model_state_dict(model, checkpoint["model"])
+    set_optimizer_state_dict(model, optimizer, checkpoint["optim"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {path}")
+    return start
+
+
 def train(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.device == "cuda":
@@ -84,27 +117,8 @@ def train(args: argparse.Namespace) -> None:
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32, device=device)
     y = torch.tensor(y, device=device)
-    torch.manual_seed(0)  # the same initial weights on every rank, before sharding
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).to(device)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    if args.optimizer == "salsa":
-        optimizer = SaLSA(model.parameters())  # after sharding: it works on each rank's shards
-    else:
-        optimizer = LABPAL(model.parameters(), training_set_size=len(x), batch_size=args.batch)
-
-    start = 0
-    found = checkpoint_to_resume(args.resume, args.checkpoint_dir)
-    if found:
-        start, path = found
-        checkpoint = state_dicts(model, optimizer)
-        dcp.load(checkpoint, checkpoint_id=path)  # each rank reads its shards (resharded if the world changed)
-        set_model_state_dict(model, checkpoint["model"])
-        set_optimizer_state_dict(model, optimizer, checkpoint["optim"])
-        if rank == 0:
-            print(f"resumed from {path}")
+    model, optimizer = build(args, device, x)
+    start = resume(args, model, optimizer)
 
     order = torch.Generator().manual_seed(1)  # the same batches on every rank; each takes its share
     plan = [torch.randint(0, len(x), (args.batch,), generator=order) for _ in range(args.steps)]
@@ -112,7 +126,7 @@ def train(args: argparse.Namespace) -> None:
     for step in range(start, args.steps):
         mine = plan[step][rank * share : (rank + 1) * share].to(device)
 
-        def closure(backwards=False):
+        def closure(backwards=False, mine=mine):  # (bound now: LABPAL may call it again later)
             loss = nn.functional.cross_entropy(model(x[mine]), y[mine])
             if backwards:
                 loss.backward()

@@ -1,7 +1,7 @@
 """salsa_fast: SaLSA, the learning-rate-free line-search optimizer, fast.
 
-    from salsa_fast import SaLSA
-    optimizer = SaLSA(model.parameters())
+from salsa_fast import SaLSA
+optimizer = SaLSA(model.parameters())
 """
 
 from .labpal import LABPAL

@@ -24,10 +24,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import backends
-from .checks import check, is_real, warn
-from .closure import call_closure, check_closure, draw_seed
 from ._state_dict import StateDictMixin
 from ._state_dict import plain as _plain
+from .checks import check, is_real, warn
+from .closure import call_closure, check_closure, draw_seed
 from .flat import FlatBucket, ShardBucket
 
 __all__ = ["FlatOptimizer"]
@@ -112,6 +112,19 @@ class FlatOptimizer(StateDictMixin, Optimizer):
         self._ready = True
 
     # -- param groups --------------------------------------------------------------------------
+    def _check_params(self, tensors: list) -> None:
+        """Refuse what torch only warns about (a parameter listed twice: packed twice, one of its
+        two regions would go stale), sparse and non-floating-point parameters."""
+        if len(set(map(id, tensors))) != len(tensors):
+            raise ValueError("a param group lists the same parameter twice")
+        for p in tensors:
+            if not isinstance(p, torch.Tensor):
+                continue  # (torch's own check names it)
+            if p.is_sparse or p.layout != torch.strided:
+                raise RuntimeError(f"{self.name} does not support sparse parameters")
+            if not p.is_floating_point():
+                raise ValueError(f"{self.name} optimizes floating-point parameters, got one of dtype {p.dtype}")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Torch's, with the checks below made before anything changes."""
         if not isinstance(param_group, dict):
@@ -125,16 +138,7 @@ class FlatOptimizer(StateDictMixin, Optimizer):
         elif params is not None and not isinstance(params, set):  # (torch rejects sets itself)
             params = list(params)
         if isinstance(params, list):
-            tensors = [_tensor_of(p) for p in params]  # (named parameters: ("name", tensor))
-            if len(set(map(id, tensors))) != len(tensors):
-                # torch only warns; packed twice, one of its two regions would go stale
-                raise ValueError("a param group lists the same parameter twice")
-            for p in tensors:
-                if isinstance(p, torch.Tensor):
-                    if p.is_sparse or p.layout != torch.strided:
-                        raise RuntimeError(f"{self.name} does not support sparse parameters")
-                    if not p.is_floating_point():
-                        raise ValueError(f"{self.name} optimizes floating-point parameters, got one of dtype {p.dtype}")
+            self._check_params([_tensor_of(p) for p in params])  # (named parameters: ("name", tensor))
             param_group = {**param_group, "params": params}
         self._check_group_values({**self.defaults, **param_group}, "param group")
         for key in self.shared_across_groups:
@@ -151,7 +155,9 @@ class FlatOptimizer(StateDictMixin, Optimizer):
         for key in self.group_numbers:
             if key in group:
                 value = group[key]
-                check(is_real(value) and 0 <= value < math.inf, f"{where} '{key}'", value, "must be a finite number >= 0")
+                check(
+                    is_real(value) and 0 <= value < math.inf, f"{where} '{key}'", value, "must be a finite number >= 0"
+                )
 
     def _check_shared(self, key: str, value: Any, group: dict[str, Any]) -> None:
         if _plain(group[key]) != _plain(value):
@@ -219,7 +225,9 @@ class FlatOptimizer(StateDictMixin, Optimizer):
                     kind = ShardBucket if self.shards and hasattr(p, "_local_tensor") else FlatBucket
                     by_key.setdefault((kind, p.device, p.dtype), []).append(p)
             for (kind, _, _), plist in by_key.items():
-                buckets.append(kind(plist, gi, keep_second_moment=self.keep_second_moment, lean=not self.keep_backup))
+                buckets.append(
+                    kind(plist, gi, keep_second_moment=self.keep_second_moment, keep_backup=self.keep_backup)
+                )
         return buckets
 
     @torch.no_grad()

@@ -61,7 +61,9 @@ class StateDictMixin:
         self._check_layout_of(state_dict)
         scalars = checked_scalars(self.Scalars, self._saved_scalars(state_dict), self.entry)
         index_of = {
-            p: i for g, sg in zip(self.param_groups, state_dict["param_groups"]) for p, i in zip(g["params"], sg["params"])
+            p: i
+            for g, sg in zip(self.param_groups, state_dict["param_groups"])
+            for p, i in zip(g["params"], sg["params"])
         }
         copies = self._checked_copies(state_dict["state"], index_of)
         with torch.no_grad():  # (from here on nothing fails: everything was checked)
@@ -82,7 +84,9 @@ class StateDictMixin:
             raise ValueError("loaded state dict has a different number of parameter groups")
         for g, sg in zip(self.param_groups, saved_groups):
             if len(g["params"]) != len(sg["params"]):
-                raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+                )
             self._check_group_values(sg, "the state_dict's param group")
 
     def _checked_copies(self, saved_state: dict, index_of: dict) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -104,7 +108,9 @@ class StateDictMixin:
                 value = local_part(p, value, f"state {key!r} of parameter {i}")
                 if not isinstance(value, torch.Tensor) or value.shape != target.shape:
                     shape = tuple(getattr(value, "shape", ()))
-                    raise ValueError(f"state {key!r} of parameter {i} has shape {shape}, expected {tuple(target.shape)}")
+                    raise ValueError(
+                        f"state {key!r} of parameter {i} has shape {shape}, expected {tuple(target.shape)}"
+                    )
                 copies.append((target, value))
         return copies
 
@@ -138,7 +144,9 @@ class StateDictMixin:
         in_groups = [sg.get(self.entry) for sg in state_dict["param_groups"]]
         if all(s is None for s in in_groups):
             if self.entry not in state_dict:
-                raise ValueError(f"not a {self.name} state_dict: neither its param groups nor itself hold a {self.entry!r} entry")
+                raise ValueError(
+                    f"not a {self.name} state_dict: neither its param groups nor itself hold a {self.entry!r} entry"
+                )
             saved = state_dict[self.entry]
         elif any(_plain_scalars(s) != _plain_scalars(in_groups[0]) for s in in_groups):
             raise ValueError(f"the state_dict's param groups hold different {self.entry!r} entries: they must be alike")
@@ -148,8 +156,10 @@ class StateDictMixin:
             return saved  # (checked_scalars names it)
         lists = {f.name for f in fields(self.Scalars) if f.default_factory is list}
         saved = {self.renamed_scalars.get(k, k): v for k, v in saved.items()}
-        return {k: _list_from_text(v, f"{self.entry!r} entry has {k}") if k in lists and isinstance(v, str) else v
-                for k, v in saved.items()}  # fmt: skip
+        return {
+            k: _list_from_text(v, f"{self.entry!r} entry has {k}") if k in lists and isinstance(v, str) else v
+            for k, v in saved.items()
+        }
 
     def _missing_state_hint(self, key: str) -> str:
         return ""

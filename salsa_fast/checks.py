@@ -8,13 +8,26 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-__all__ = ["SaLSAWarning", "warn", "check", "is_real", "is_int", "positive", "count", "finite", "optional_positive", "flag",
-           "positives", "checked_scalars"]  # fmt: skip
+__all__ = [
+    "SaLSAWarning",
+    "warn",
+    "check",
+    "is_real",
+    "is_int",
+    "positive",
+    "count",
+    "finite",
+    "optional_positive",
+    "flag",
+    "positives",
+    "checked_scalars",
+]
 
 
 class SaLSAWarning(UserWarning):
@@ -88,7 +101,12 @@ def positives():
     """A list of finite floats > 0."""
     return field(
         default_factory=list,
-        metadata={"check": (lambda x: isinstance(x, (list, tuple)) and all(map(positive, x)), "must be a list of finite numbers > 0")},
+        metadata={
+            "check": (
+                lambda x: isinstance(x, (list, tuple)) and all(map(positive, x)),
+                "must be a list of finite numbers > 0",
+            )
+        },
     )
 
 

@@ -109,12 +109,14 @@ def seeded(seed: int, cuda_devices: Sequence[int]) -> Iterator[None]:
         yield
 
 
-def call_closure(closure: Callable, seed: int, cuda_devices: Sequence[int], backwards: bool) -> tuple[object, torch.Tensor]:
+def call_closure(
+    closure: Callable, seed: int, cuda_devices: Sequence[int], backwards: bool
+) -> tuple[object, torch.Tensor]:
     """Call the closure under the step's seed; gradient pass with grad enabled, trials without.
 
     Returns what the closure returned and that loss as a detached 0-dim tensor.
     """
-    with annotate("salsa.gradient_pass" if backwards else "salsa.trial"):
-        with seeded(seed, cuda_devices), torch.set_grad_enabled(backwards):
-            out = closure(backwards=backwards)
+    phase = "salsa.gradient_pass" if backwards else "salsa.trial"
+    with annotate(phase), seeded(seed, cuda_devices), torch.set_grad_enabled(backwards):
+        out = closure(backwards=backwards)
     return out, loss_tensor(out)

@@ -144,8 +144,14 @@ def plot(salsa: History, adam: History, path: str, device: torch.device) -> None
     ax_loss.legend()
     ax_eta.plot(salsa.step_sizes, color="tab:red", lw=1.5, label="step size")
     searches = [i for i, s in enumerate(salsa.searched) if s]
-    ax_eta.scatter(searches, [salsa.step_sizes[i] for i in searches], s=6, color="black", zorder=3,
-                   label=f"line search ({len(searches)} of {salsa.steps} steps)")  # fmt: skip
+    ax_eta.scatter(
+        searches,
+        [salsa.step_sizes[i] for i in searches],
+        s=6,
+        color="black",
+        zorder=3,
+        label=f"line search ({len(searches)} of {salsa.steps} steps)",
+    )
     ax_eta.set(yscale="log", xlabel="step", ylabel="step size", title="SaLSA's step size (no tuning)")
     ax_eta.legend()
     fig.suptitle(f"salsa_fast demo on {device.type}: SaLSA vs Adam, same init and batches")

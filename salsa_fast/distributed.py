@@ -79,8 +79,9 @@ def as_dtensor_like(param, local: torch.Tensor) -> torch.Tensor:
     """``local`` (state shaped like ``param``'s local shard) as a DTensor laid out like ``param``."""
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                              stride=param.stride())  # fmt: skip
+    return DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
 
 
 def local_part(param, value: Any, what: str) -> Any:
@@ -88,7 +89,11 @@ def local_part(param, value: Any, what: str) -> Any:
     torch's distributed checkpoint reshards, a plain load does not). Anything else as it is."""
     if not hasattr(value, "device_mesh"):
         return value
-    if not hasattr(param, "device_mesh") or value.placements != param.placements or value.device_mesh != param.device_mesh:
+    if (
+        not hasattr(param, "device_mesh")
+        or value.placements != param.placements
+        or value.device_mesh != param.device_mesh
+    ):
         raise ValueError(
             f"{what} is a DTensor with placements {value.placements}, the parameter has "
             f"{getattr(param, 'placements', 'none (a plain tensor)')}: load it through torch.distributed.checkpoint "

@@ -29,8 +29,8 @@ from .distributed import agree_on_loss, agree_on_sums, resolve_group
 from .flat import FlatBucket
 from .labpal_line import BackupLine, MovingLine
 from .labpal_measurement import Measuring
+from .labpal_parabola import H, parabola_step
 from .labpal_scalars import TRUSTED_NORM, Scalars, settings
-from .parabola import H, parabola_step
 from .step_state import SkipLedger
 
 __all__ = ["LABPAL", "parabola_step"]
@@ -85,7 +85,7 @@ class LABPAL(Measuring, FlatOptimizer):
     Measuring farther out: a fit the reference rejects (``a <= 0`` or ``b >= 0``) while rounding,
     not the loss, could have decided it is fitted again on the same batches with both sample
     steps 10x longer (``2N`` more forwards), then 100x, the second never beyond ``max_step_size``
-    (:func:`salsa_fast.parabola.fit_line`; ``stats["rescaled"]`` counts such measurements).
+    (:func:`salsa_fast.labpal_parabola.fit_line`; ``stats["rescaled"]`` counts such measurements).
     Accepted fits and rejections that stand above the noise are the reference's. After 3
     measurements abandoned for their norm, or fits rejected, in a row, it warns once, naming the
     reason and the argument that changes it (``trusted_norm``, ``sample_step``, ``max_step_size``).
@@ -99,9 +99,27 @@ class LABPAL(Measuring, FlatOptimizer):
     Scalars = Scalars
     renamed_scalars = {"step": "step_size", "k": "accumulation"}  # (checkpoints of the previous release)
     global_keys = frozenset(
-        "mode training_set_size batch_size update_step_adaptation reuse_steps measure_batches batch_size_schedule "
-        "warmup_updates window sample_step max_step_size eps fit cap_sgd_updates backend keep_backup weight_decay "
-        "process_group trusted_norm".split()
+        [
+            "mode",
+            "training_set_size",
+            "batch_size",
+            "update_step_adaptation",
+            "reuse_steps",
+            "measure_batches",
+            "batch_size_schedule",
+            "warmup_updates",
+            "window",
+            "sample_step",
+            "max_step_size",
+            "eps",
+            "fit",
+            "cap_sgd_updates",
+            "backend",
+            "keep_backup",
+            "weight_decay",
+            "process_group",
+            "trusted_norm",
+        ]
     )
     per_group_hint = (
         "LABPAL measures one step for all groups (and has no weight decay), so only 'lr' (a multiplier "

@@ -1,7 +1,7 @@
 """A LABPAL measurement, call by call (a part of :class:`salsa_fast.LABPAL`, apart only to keep
 each module short): its calls, the direction check at its last gradient batch (the one sync),
 and at its last call the fit of the line and what it decides. The parameters move on the line
-through :mod:`salsa_fast.labpal_line`; the fit is :mod:`salsa_fast.parabola`'s.
+through :mod:`salsa_fast.labpal_line`; the fit is :mod:`salsa_fast.labpal_parabola`'s.
 
 The phases, in order:
 
@@ -21,7 +21,7 @@ import math
 import torch
 
 from .closure import draw_seed
-from .parabola import H, IN_A_ROW, LineFit, fit_line, in_a_row, nanmean, rejection
+from .labpal_parabola import IN_A_ROW, H, LineFit, fit_line, in_a_row, nanmean, rejection
 
 __all__ = ["Measuring"]
 

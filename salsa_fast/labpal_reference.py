@@ -33,17 +33,33 @@ def gradient(f: list[float], x: list[float]) -> list[float]:
 
 def nanmean(values: list[float]) -> float:
     """The mean of the values that are not NaN (NaN if all are), as ``numpy.nanmean``. (Not
-    :func:`salsa_fast.parabola.nanmean`: the twin shares no code with what it checks.)"""
+    :func:`salsa_fast.labpal_parabola.nanmean`: the twin shares no code with what it checks.)"""
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else float("nan")
 
 
 class LABPALReference(Optimizer):
-    def __init__(self, params, mode="nsgd", training_set_size=40000, batch_size=128, update_step_adaptation=1.8,
-                 momentum=0.0, reuse_steps=1000, measure_batches=10,
-                 batch_size_schedule=((0, 1), (75000, 2), (112500, 4)), warmup_updates=400, window=25,
-                 sample_step=0.01, max_step_size=1.0, eps=1e-6, *, fit="reference", cap_sgd_updates=True,
-                 trusted_norm=(1e-3, 100.0)):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        mode="nsgd",
+        training_set_size=40000,
+        batch_size=128,
+        update_step_adaptation=1.8,
+        momentum=0.0,
+        reuse_steps=1000,
+        measure_batches=10,
+        batch_size_schedule=((0, 1), (75000, 2), (112500, 4)),
+        warmup_updates=400,
+        window=25,
+        sample_step=0.01,
+        max_step_size=1.0,
+        eps=1e-6,
+        *,
+        fit="reference",
+        cap_sgd_updates=True,
+        trusted_norm=(1e-3, 100.0),
+    ):
         super().__init__(params, dict(lr=1.0))
         self.mode = mode.lower()
         self.noise_factor = (128 / batch_size) * (training_set_size / 40000)
@@ -82,8 +98,9 @@ class LABPALReference(Optimizer):
         return [(p, g["lr"]) for g in self.param_groups for p in g["params"] if p.requires_grad]
 
     def _reset_batch(self):
-        self.grad_sum = [torch.zeros_like(p, dtype=torch.float32 if p.dtype != torch.float64 else p.dtype)
-                         for p, _ in self._params()]  # fmt: skip
+        self.grad_sum = [
+            torch.zeros_like(p, dtype=torch.float32 if p.dtype != torch.float64 else p.dtype) for p, _ in self._params()
+        ]
         self.accumulated = 0
 
     def _start_measurement(self):

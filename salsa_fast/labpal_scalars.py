@@ -10,7 +10,7 @@ from typing import Any
 
 from .checks import check, count, flag, is_int, is_real, optional_positive, positive, positives
 from .distributed import resolve_group
-from .parabola import H
+from .labpal_parabola import H
 
 TRUSTED_NORM = (1e-3, 100.0)  # directions with a norm outside are not measured (hard-coded there)
 
@@ -49,8 +49,17 @@ def settings(a: dict[str, Any]) -> dict[str, Any]:
     for name, (ok, what) in _RULES.items():
         check(ok(a[name]), name, a[name], what)
     resolve_group(a["process_group"])  # a group without torch.distributed is a ValueError
-    floats = "update_step_adaptation momentum sample_step max_step_size eps".split()
-    kept = "mode reuse_steps measure_batches warmup_updates window fit cap_sgd_updates process_group".split()
+    floats = ["update_step_adaptation", "momentum", "sample_step", "max_step_size", "eps"]
+    kept = [
+        "mode",
+        "reuse_steps",
+        "measure_batches",
+        "warmup_updates",
+        "window",
+        "fit",
+        "cap_sgd_updates",
+        "process_group",
+    ]
     return {
         **{name: a[name] for name in kept},
         **{name: float(a[name]) for name in floats},

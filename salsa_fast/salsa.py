@@ -22,13 +22,13 @@ import torch
 
 from . import backends
 from ._flat_optimizer import FlatOptimizer
-from .checks import SaLSAWarning, check, is_int, is_real
 from .amp import ScalerLink
-from .armijo import FAST, MIN_LOSS, SLOW, backtrack, search_interval, split_lr
+from .checks import SaLSAWarning, check, is_int, is_real
 from .closure import draw_seed
 from .distributed import agree_on_flag, agree_on_loss, agree_on_search, resolve_group
 from .flat import FlatBucket
 from .profiling import annotate
+from .salsa_armijo import FAST, MIN_LOSS, SLOW, backtrack, search_interval, split_lr
 from .salsa_line import BackupLine, MovingLine, Point
 from .salsa_scalars import Found, Scalars, Step, StepInfo, Writes
 from .step_state import DeviceSteps
@@ -36,10 +36,9 @@ from .step_state import DeviceSteps
 __all__ = ["SaLSA", "StepInfo", "SaLSAWarning"]
 
 # Keys that are properties of the whole search and cannot differ between param groups.
-_GLOBAL_KEYS = frozenset(
-    "init_step_size c momentum speed_up use_mv direction growth decrease eps "
-    "max_backtracks max_interval backend process_group grad_scaler keep_backup".split()
-)
+_SEARCH_KEYS = ("init_step_size", "c", "momentum", "speed_up", "use_mv", "direction", "growth", "decrease", "eps")
+_SETUP_KEYS = ("max_backtracks", "max_interval", "backend", "process_group", "grad_scaler", "keep_backup")
+_GLOBAL_KEYS = frozenset(_SEARCH_KEYS + _SETUP_KEYS)
 _WARMUP_SEARCHES = 10  # steps 1..9 always search
 
 _NONFINITE = (
@@ -156,13 +155,14 @@ class SaLSA(FlatOptimizer):
         grad_scaler=None,
         keep_backup: bool = True,
     ):
-        beta1, beta2, beta3 = _checked_betas(momentum)
-        _check_arguments(init_step_size, c, weight_decay, direction, growth, decrease, eps, max_backtracks, max_interval)
+        beta1, beta2, _ = self.betas = _checked_betas(momentum)
+        _check_arguments(
+            init_step_size, c, weight_decay, direction, growth, decrease, eps, max_backtracks, max_interval
+        )
         resolve_group(process_group)  # a group without torch.distributed is a ValueError
 
         self.init_step_size = float(init_step_size)
         self.c = float(c)
-        self.betas = (beta1, beta2, beta3)
         self.speed_up = bool(speed_up)
         self.use_mv = bool(use_mv)
         self.direction = direction
@@ -339,7 +339,9 @@ class SaLSA(FlatOptimizer):
         and its weight-decay factor (with the step size before this step)."""
         groups, eta = self.param_groups, self._scalars.step_size
         lrs = [multipliers[b.group_index] for b in self._buckets]
-        return Writes(lrs, [lr * float(groups[b.group_index]["weight_decay"]) * eta for b, lr in zip(self._buckets, lrs)])
+        return Writes(
+            lrs, [lr * float(groups[b.group_index]["weight_decay"]) * eta for b, lr in zip(self._buckets, lrs)]
+        )
 
     def _searches(self, number: int, since: int) -> bool:
         """Whether step ``number``, ``since`` steps after the last search, runs a line search."""
@@ -407,7 +409,9 @@ class SaLSA(FlatOptimizer):
         sums = {sharded: torch.zeros((), dtype=torch.float64, device=dev) for sharded in (False, True)}
         for b, lr, pp in zip(self._buckets, st.search.lrs, self._line.begin(first)):
             sums[b.sharded] = sums[b.sharded] + lr * pp.to(dev, torch.float64)  # (shards: summed over ranks)
-        agreed = agree_on_search(resolve_group(self.process_group), st.loss.to(dev, torch.float64), sums[False], sums[True])
+        agreed = agree_on_search(
+            resolve_group(self.process_group), st.loss.to(dev, torch.float64), sums[False], sums[True]
+        )
         skipped = self._steps.read_skipped().to(dev).reshape(1)
         loss_v, pp_v, skipped_v = torch.cat([agreed, skipped]).tolist()  # the one sync of the search
         self._count_device_skips(int(skipped_v))
@@ -427,10 +431,17 @@ class SaLSA(FlatOptimizer):
             self._warn_once("negative", _NEGATIVE)
         self._line.to(first)
         eta, accepted, trials, decrease_avg = backtrack(
-            lambda: self._trial_loss(replay, closure, st.seed), lambda eta: self._line.to(Point(eta, st.search)),
-            loss=loss_v, eta=first.eta, norm_avg=norm_avg, decrease_avg=s.decrease_avg, beta3=beta3, c=self.c,
-            decrease=self.decrease, max_backtracks=self.max_backtracks,
-        )  # fmt: skip
+            lambda: self._trial_loss(replay, closure, st.seed),
+            lambda eta: self._line.to(Point(eta, st.search)),
+            loss=loss_v,
+            eta=first.eta,
+            norm_avg=norm_avg,
+            decrease_avg=s.decrease_avg,
+            beta3=beta3,
+            c=self.c,
+            decrease=self.decrease,
+            max_backtracks=self.max_backtracks,
+        )
         # the update: the point the parameters are at, with the full lr (the same point unless a
         # factor common to every group's lr scales it)
         self._line.to(self._line.at._replace(writes=st.update))

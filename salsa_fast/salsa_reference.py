@@ -119,7 +119,7 @@ class SaLSAReference(Optimizer):
         # The Adam moments and directions; the parameters' values, in the state dtype.
         starts = []
         search_dirs, momentum_dirs = [], []
-        for p, g, group in zip(params, grads, groups):
+        for p, g in zip(params, grads):
             state = self.state[p]
             if not state:
                 state["exp_avg"] = torch.zeros_like(g)

@@ -11,8 +11,16 @@ class SLS(SaLSA):
     """Plain Armijo line search every step (the paper's "SLS" baseline): SaLSA with ``beta3 = 0``
     and ``speed_up=False``. Takes SaLSA's arguments except ``momentum``/``speed_up``."""
 
-    def __init__(self, params, init_step_size: float = 1.0, c: float = 0.5, betas: tuple[float, float] = (0.9, 0.999),
-                 use_mv: bool = False, weight_decay: float = 0.0, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        init_step_size: float = 1.0,
+        c: float = 0.5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        use_mv: bool = False,
+        weight_decay: float = 0.0,
+        **kwargs,
+    ):
         for key in ("momentum", "speed_up"):
             if key in kwargs:
                 raise TypeError(f"SLS fixes {key!r}; use SaLSA to choose it")

@@ -48,15 +48,19 @@ def save(how: str, model, opt, path: str) -> None:
         return
     if how == "full-rank0":
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        sd = {"model": get_model_state_dict(model, options=options),
-              "optim": get_optimizer_state_dict(model, opt, options=options)}  # fmt: skip
+        sd = {
+            "model": get_model_state_dict(model, options=options),
+            "optim": get_optimizer_state_dict(model, opt, options=options),
+        }
         if dist.get_rank() == 0:
             torch.save(sd, path + ".pt")
         dist.barrier()
         return
     options = StateDictOptions(flatten_optimizer_state_dict=how == "dcp-flat")
-    sd = {"model": get_model_state_dict(model, options=options),
-          "optim": get_optimizer_state_dict(model, opt, options=options)}  # fmt: skip
+    sd = {
+        "model": get_model_state_dict(model, options=options),
+        "optim": get_optimizer_state_dict(model, opt, options=options),
+    }
     dcp.save(sd, checkpoint_id=path)
 
 
@@ -73,8 +77,10 @@ def load(how: str, model, opt, path: str) -> None:
         set_optimizer_state_dict(model, opt, sd["optim"], options=options)
         return
     options = StateDictOptions(flatten_optimizer_state_dict=how == "dcp-flat")
-    sd = {"model": get_model_state_dict(model, options=options),
-          "optim": get_optimizer_state_dict(model, opt, options=options)}  # fmt: skip
+    sd = {
+        "model": get_model_state_dict(model, options=options),
+        "optim": get_optimizer_state_dict(model, opt, options=options),
+    }
     dcp.load(sd, checkpoint_id=path)
     set_model_state_dict(model, sd["model"], options=options)
     set_optimizer_state_dict(model, opt, sd["optim"], options=options)

@@ -21,15 +21,15 @@ from helpers import batches, digits, make_closure, mlp
 from multiprocess import finish, init
 from torch import nn
 
-from salsa_fast import LABPAL, SaLSA
-from salsa_fast import testing
+from salsa_fast import LABPAL, SaLSA, testing
 
 STEPS = 40
 BATCH = 64
 # LABPAL measuring often (3 batches per measurement, every 8 updates once warmed up), so that
 # 40 calls hold several measurements and the checkpoint at call 20 falls between two of them.
-LABPAL_OPTIONS = dict(training_set_size=1797, batch_size=BATCH, reuse_steps=8, warmup_updates=6, measure_batches=3,
-                      max_step_size=0.2)  # fmt: skip
+LABPAL_OPTIONS = dict(
+    training_set_size=1797, batch_size=BATCH, reuse_steps=8, warmup_updates=6, measure_batches=3, max_step_size=0.2
+)
 OPTIMIZERS = {
     "SaLSA": lambda params, **kw: SaLSA(params, **kw),
     "LABPAL": lambda params, **kw: LABPAL(params, **LABPAL_OPTIONS, **kw),
@@ -144,8 +144,14 @@ def _train(rank, world, kind, name, backend, bucket_view) -> dict:
         warnings.simplefilter("always")
         opt = OPTIMIZERS[name](model.parameters(), backend=backend)
         train_shards(model, opt, rank, world, 0, STEPS, calls)
-    return result(module, opt, calls, sharded=[b.sharded for b in testing.buckets(opt)], warnings=[str(w.message) for w in caught],
-                  probe=reduction_probe(kind, rank))  # fmt: skip
+    return result(
+        module,
+        opt,
+        calls,
+        sharded=[b.sharded for b in testing.buckets(opt)],
+        warnings=[str(w.message) for w in caught],
+        probe=reduction_probe(kind, rank),
+    )
 
 
 def checkpoint_rank0_saves(rank, world, store, out_dir):
@@ -309,8 +315,11 @@ class OneProcess:
             for r in range(self.world):
                 self.shards[r][j].copy_(p[_chunk(p, self.world, r)])
         sd = opt.state_dict()
-        state = {r * n + j: {key: v[_chunk(v, self.world, r)].clone() for key, v in entry.items()}
-                 for j, entry in sd["state"].items() for r in range(self.world)}  # fmt: skip
+        state = {
+            r * n + j: {key: v[_chunk(v, self.world, r)].clone() for key, v in entry.items()}
+            for j, entry in sd["state"].items()
+            for r in range(self.world)
+        }
         groups = [{**sd["param_groups"][0], "params": list(range(r * n, (r + 1) * n))} for r in range(self.world)]
         self.opt.load_state_dict({"state": state, "param_groups": groups})
 
@@ -326,4 +335,3 @@ def assert_equals_one_process(result: dict, one: dict) -> None:
     assert result["calls"] == one["calls"]
     assert all(torch.equal(p, q) for p, q in zip(result["params"], one["params"], strict=True))
     assert result["stats"] == one["stats"]
-

@@ -19,9 +19,22 @@ import torch
 from torch.nn import Parameter
 from torch.optim import Adam
 from torch.optim.lr_scheduler import (
-    ChainedScheduler, ConstantLR, CosineAnnealingLR, CosineAnnealingWarmRestarts, CyclicLR, ExponentialLR, LambdaLR,
-    LinearLR, MultiplicativeLR, MultiStepLR, OneCycleLR, PolynomialLR, ReduceLROnPlateau, SequentialLR, StepLR,
-)  # fmt: skip
+    ChainedScheduler,
+    ConstantLR,
+    CosineAnnealingLR,
+    CosineAnnealingWarmRestarts,
+    CyclicLR,
+    ExponentialLR,
+    LambdaLR,
+    LinearLR,
+    MultiplicativeLR,
+    MultiStepLR,
+    OneCycleLR,
+    PolynomialLR,
+    ReduceLROnPlateau,
+    SequentialLR,
+    StepLR,
+)
 from torch.optim.swa_utils import SWALR
 
 from salsa_fast import LABPAL, SaLSA
@@ -54,8 +67,9 @@ CLOSURE_OPTIMIZERS = (SaLSA, LABPAL)
 # schedule's multiplier 1, 2 for the multiplier 7 (the "k=2" option set, from call 8). torch's
 # test problems sum their losses, so their direction norms reach past the reference's trusted
 # range (about 102 on the 10x5 problem): the range is widened, as the warning it gives advises.
-LABPAL_SMALL = dict(training_set_size=1000, batch_size=10, reuse_steps=4, measure_batches=2, warmup_updates=3,
-                    trusted_norm=(1e-3, 1e3))  # fmt: skip
+LABPAL_SMALL = dict(
+    training_set_size=1000, batch_size=10, reuse_steps=4, measure_batches=2, warmup_updates=3, trusted_norm=(1e-3, 1e3)
+)
 
 
 # -- option sets -------------------------------------------------------------------------------------
@@ -66,18 +80,29 @@ def _inputs(sets, base=None):
 
 
 def optim_inputs_func_salsa(device=None, dtype=None):
-    return _inputs([
-        ("default", {}), ("keep_backup=False", {"keep_backup": False}), ("use_mv=True", {"use_mv": True}),
-        ("direction=sgd", {"direction": "sgd"}), ("weight_decay=0.1", {"weight_decay": 0.1}),
-        ("speed_up=False", {"speed_up": False}),
-    ])  # fmt: skip
+    return _inputs(
+        [
+            ("default", {}),
+            ("keep_backup=False", {"keep_backup": False}),
+            ("use_mv=True", {"use_mv": True}),
+            ("direction=sgd", {"direction": "sgd"}),
+            ("weight_decay=0.1", {"weight_decay": 0.1}),
+            ("speed_up=False", {"speed_up": False}),
+        ]
+    )
 
 
 def optim_inputs_func_labpal(device=None, dtype=None):
-    return _inputs([
-        ("mode=nsgd", {"mode": "nsgd"}), ("mode=sgd", {"mode": "sgd"}), ("momentum=0.9", {"momentum": 0.9}),
-        ("keep_backup=False", {"keep_backup": False}), ("k=2", {"batch_size_schedule": ((0, 1), (8, 7))}),
-    ], LABPAL_SMALL)  # fmt: skip
+    return _inputs(
+        [
+            ("mode=nsgd", {"mode": "nsgd"}),
+            ("mode=sgd", {"mode": "sgd"}),
+            ("momentum=0.9", {"momentum": 0.9}),
+            ("keep_backup=False", {"keep_backup": False}),
+            ("k=2", {"batch_size_schedule": ((0, 1), (8, 7))}),
+        ],
+        LABPAL_SMALL,
+    )
 
 
 # -- error inputs --------------------------------------------------------------------------------------
@@ -135,30 +160,71 @@ def _bad_arguments(p, bad):
 def optim_error_inputs_func_salsa(device, dtype):
     p = _param()
     bad = [
-        ("init_step_size", 0.0), ("c", 0.0), ("momentum (beta1)", (1.0, 0.999, 0.9)),
-        ("momentum (beta3)", (0.9, 0.999, -0.1)), ("momentum", (0.9, 0.999)), ("eps", -1e-8), ("weight_decay", -1.0),
-        ("growth", 1.0), ("decrease", 1.0), ("max_backtracks", 0), ("max_interval", 0), ("direction", "newton"),
-    ]  # fmt: skip
-    return shared_error_inputs(device, dtype) + _bad_arguments(p, bad) + [
-        _error([{"params": [p], "weight_decay": -0.1}], {}, "negative group weight_decay",
-               "invalid param group 'weight_decay'"),
-        _error([{"params": [p], "betas": (0.9, 1.0)}], {}, "group betas out of range", "invalid param group 'betas'"),
-    ]  # fmt: skip
+        ("init_step_size", 0.0),
+        ("c", 0.0),
+        ("momentum (beta1)", (1.0, 0.999, 0.9)),
+        ("momentum (beta3)", (0.9, 0.999, -0.1)),
+        ("momentum", (0.9, 0.999)),
+        ("eps", -1e-8),
+        ("weight_decay", -1.0),
+        ("growth", 1.0),
+        ("decrease", 1.0),
+        ("max_backtracks", 0),
+        ("max_interval", 0),
+        ("direction", "newton"),
+    ]
+    return (
+        shared_error_inputs(device, dtype)
+        + _bad_arguments(p, bad)
+        + [
+            _error(
+                [{"params": [p], "weight_decay": -0.1}],
+                {},
+                "negative group weight_decay",
+                "invalid param group 'weight_decay'",
+            ),
+            _error(
+                [{"params": [p], "betas": (0.9, 1.0)}], {}, "group betas out of range", "invalid param group 'betas'"
+            ),
+        ]
+    )
 
 
 def optim_error_inputs_func_labpal(device, dtype):
     p = _param()
     bad = [
-        ("mode", "adam"), ("training_set_size", 0), ("batch_size", 0), ("update_step_adaptation", 0.0),
-        ("momentum", 1.0), ("reuse_steps", 0), ("measure_batches", 0), ("window", 0), ("warmup_updates", -1),
-        ("sample_step", 1e-5), ("max_step_size", 0.0), ("eps", 0.0), ("fit", "cubic"), ("cap_sgd_updates", "yes"),
-        ("batch_size_schedule", ((0, 0.0),)), ("batch_size_schedule", "x"),
-    ]  # fmt: skip
-    return shared_error_inputs(device, dtype) + _bad_arguments(p, bad) + [
-        _error([{"params": [p], "weight_decay": 0.1}], {}, "group weight_decay (LABPAL has none)",
-               r"param group sets \['weight_decay'\]"),
-        _error([{"params": [p], "momentum": 1.5}], {}, "group momentum out of range", "invalid param group 'momentum'"),
-    ]  # fmt: skip
+        ("mode", "adam"),
+        ("training_set_size", 0),
+        ("batch_size", 0),
+        ("update_step_adaptation", 0.0),
+        ("momentum", 1.0),
+        ("reuse_steps", 0),
+        ("measure_batches", 0),
+        ("window", 0),
+        ("warmup_updates", -1),
+        ("sample_step", 1e-5),
+        ("max_step_size", 0.0),
+        ("eps", 0.0),
+        ("fit", "cubic"),
+        ("cap_sgd_updates", "yes"),
+        ("batch_size_schedule", ((0, 0.0),)),
+        ("batch_size_schedule", "x"),
+    ]
+    return (
+        shared_error_inputs(device, dtype)
+        + _bad_arguments(p, bad)
+        + [
+            _error(
+                [{"params": [p], "weight_decay": 0.1}],
+                {},
+                "group weight_decay (LABPAL has none)",
+                r"param group sets \['weight_decay'\]",
+            ),
+            _error(
+                [{"params": [p], "momentum": 1.5}], {}, "group momentum out of range", "invalid param group 'momentum'"
+            ),
+        ]
+    )
 
 
 # -- the infos ---------------------------------------------------------------------------------------
@@ -168,13 +234,26 @@ _SCHEDULER_INPUTS = (
     [lambda opt: ConstantLR(opt, factor=0.4, total_iters=4), lambda opt: ExponentialLR(opt, gamma=0.9)],
 )
 _CLOSURE_INFO = dict(
-    scheduler_inputs=_SCHEDULER_INPUTS, supported_impls=(), not_og_supported_flags=(), supports_complex=False,
-    step_requires_closure=True, supports_param_groups=True, supports_multiple_devices=True,
-)  # fmt: skip
-SALSA_INFO = OptimizerInfo(SaLSA, optim_inputs_func=optim_inputs_func_salsa,
-                           optim_error_inputs_func=optim_error_inputs_func_salsa, **_CLOSURE_INFO)  # fmt: skip
-LABPAL_INFO = OptimizerInfo(LABPAL, optim_inputs_func=optim_inputs_func_labpal,
-                            optim_error_inputs_func=optim_error_inputs_func_labpal, **_CLOSURE_INFO)  # fmt: skip
+    scheduler_inputs=_SCHEDULER_INPUTS,
+    supported_impls=(),
+    not_og_supported_flags=(),
+    supports_complex=False,
+    step_requires_closure=True,
+    supports_param_groups=True,
+    supports_multiple_devices=True,
+)
+SALSA_INFO = OptimizerInfo(
+    SaLSA,
+    optim_inputs_func=optim_inputs_func_salsa,
+    optim_error_inputs_func=optim_error_inputs_func_salsa,
+    **_CLOSURE_INFO,
+)
+LABPAL_INFO = OptimizerInfo(
+    LABPAL,
+    optim_inputs_func=optim_inputs_func_labpal,
+    optim_error_inputs_func=optim_error_inputs_func_labpal,
+    **_CLOSURE_INFO,
+)
 ADAM_INFO = next(info for info in optim_db if info.optim_cls is Adam)
 INFOS = [SALSA_INFO, LABPAL_INFO, ADAM_INFO]
 
@@ -398,7 +477,7 @@ SCHEDULERS = {
         SequentialLR(o, [LinearLR(o, start_factor=0.25, total_iters=3), ExponentialLR(o, gamma=0.9)], milestones=[3])
     ],
     "compound": lambda o, lr: [StepLR(o, step_size=3, gamma=0.5), ExponentialLR(o, gamma=0.9)],
-}  # fmt: skip
+}
 
 
 def resumed_scheduler(s, opt, last_epoch):
@@ -406,10 +485,13 @@ def resumed_scheduler(s, opt, last_epoch):
     resumed run makes it from its optimizer's groups (which hold ``initial_lr``)."""
     lr = opt.param_groups[0]["initial_lr"]
     args = {
-        StepLR: dict(step_size=3, gamma=0.5), ExponentialLR: dict(gamma=0.9), CosineAnnealingLR: dict(T_max=10),
+        StepLR: dict(step_size=3, gamma=0.5),
+        ExponentialLR: dict(gamma=0.9),
+        CosineAnnealingLR: dict(T_max=10),
         LinearLR: dict(start_factor=0.25, total_iters=4),
-        OneCycleLR: dict(max_lr=lr, total_steps=40), SWALR: dict(swa_lr=0.5 * lr, anneal_epochs=3),
-    }[type(s)]  # fmt: skip
+        OneCycleLR: dict(max_lr=lr, total_steps=40),
+        SWALR: dict(swa_lr=0.5 * lr, anneal_epochs=3),
+    }[type(s)]
     return type(s)(opt, last_epoch=last_epoch, **args)
 
 

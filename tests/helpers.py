@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
+
 from salsa_fast import testing
 
 _DIGITS = None
@@ -113,7 +114,7 @@ def make_closure(model, kind, idx, dtype, counter, device="cpu"):
     if kind == "lm":
         tokens = pixel_tokens()[idx]
         seq = model.seq
-        inputs, targets = tokens[:, : seq], tokens[:, 1 : seq + 1]
+        inputs, targets = tokens[:, :seq], tokens[:, 1 : seq + 1]
 
         def closure(backwards=False):
             counter[0] += 1
@@ -277,8 +278,10 @@ def without_scalars(sd: dict, entry: str) -> dict:
 def as_previous_release(sd: dict, entry: str) -> dict:
     """``sd`` as the previous release wrote it: the run's scalars a top-level entry (lists as
     lists), not in the groups; the state's DTensors (FSDP2) as their plain local shards."""
-    scalars = {k: [float(x) for x in v.split(",") if x] if isinstance(v, str) else v
-               for k, v in sd["param_groups"][0][entry].items()}  # fmt: skip
+    scalars = {
+        k: [float(x) for x in v.split(",") if x] if isinstance(v, str) else v
+        for k, v in sd["param_groups"][0][entry].items()
+    }
     groups = [{k: v for k, v in g.items() if k != entry} for g in sd["param_groups"]]
     state = {i: {k: getattr(v, "_local_tensor", v) for k, v in e.items()} for i, e in sd["state"].items()}
     return {**sd, "state": state, "param_groups": groups, entry: scalars}

@@ -88,18 +88,30 @@ def main() -> None:
     every = args.checkpoint_every
     checkpoint = ModelCheckpoint(dirpath=args.out, filename="{step}", every_n_train_steps=every, save_top_k=-1)
     trainer = L.Trainer(
-        strategy=DDPStrategy(timeout=timedelta(seconds=120)), accelerator="cpu", devices=2, max_steps=args.steps,
-        default_root_dir=args.out, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[checkpoint] if every else [], enable_checkpointing=bool(every),
-    )  # fmt: skip
+        strategy=DDPStrategy(timeout=timedelta(seconds=120)),
+        accelerator="cpu",
+        devices=2,
+        max_steps=args.steps,
+        default_root_dir=args.out,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoint] if every else [],
+        enable_checkpointing=bool(every),
+    )
     model = RecordingModel()
     trainer.fit(model, loader, ckpt_path=args.resume)
 
     salsa = trainer.optimizers[0]
     result = dict(
-        params=[p.detach().clone() for p in model.parameters()], stats=salsa.stats, state=salsa.state_dict(),
-        calls=model.calls, rows=model.rows, global_step=trainer.global_step,
-    )  # fmt: skip
+        params=[p.detach().clone() for p in model.parameters()],
+        stats=salsa.stats,
+        state=salsa.state_dict(),
+        calls=model.calls,
+        rows=model.rows,
+        global_step=trainer.global_step,
+    )
     torch.save(result, f"{args.out}/rank{trainer.global_rank}.pt")
     # Rank 0 started rank 1: wait for it, and fail if it failed.
     for child in getattr(trainer.strategy.launcher, "procs", []):

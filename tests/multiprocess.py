@@ -6,8 +6,9 @@
   still running then is killed and the test fails saying so. A worker's exception reaches the
   test with the rank's own traceback (``torch.multiprocessing``'s ``ProcessRaisedException``).
   What each rank writes to stderr (gloo's C++ messages included) is kept: a rank that dies
-  without a traceback fails the test with it, and it is passed on to the test's own stderr. A rank killed by SIGABRT while tearing down (gloo,
-  rarely, under load) has the whole run started again once, with a warning of what it said.
+  without a traceback fails the test with it, and it is passed on to the test's own stderr. A
+  rank killed by SIGABRT while tearing down (gloo, rarely, under load) has the whole run started
+  again once, with a warning of what it said.
 * :func:`torchrun` runs a script as ``torchrun --standalone`` does (the rendezvous binds a free
   port itself), with a deadline, and fails with what the ranks said on stderr.
 """
@@ -36,8 +37,9 @@ JOIN_TIMEOUT_S = 600
 def init(rank: int, world: int, store: str) -> None:
     """Join the gloo process group that :func:`spawn` set up (a file store: no ports)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
+    )
 
 
 # Set in a worker by spawn: the file that says this rank has reached its teardown (finish).
@@ -86,7 +88,7 @@ def spawn(fn, world: int, tmp_path, *args, timeout: float = JOIN_TIMEOUT_S) -> N
     try:
         _spawn_once(fn, world, tmp_path, args, timeout, attempt=0)
     except _TeardownAbort as e:
-        warnings.warn(f"{fn.__name__}: {e.message}; running it again.")
+        warnings.warn(f"{fn.__name__}: {e.message}; running it again.", stacklevel=2)
         try:
             _spawn_once(fn, world, tmp_path, args, timeout, attempt=1)
         except _TeardownAbort as again:
@@ -101,21 +103,24 @@ def _spawn_once(fn, world: int, tmp_path, args: tuple, timeout: float, attempt: 
     os.makedirs(logs, exist_ok=True)
     for name in os.listdir(logs):
         os.remove(os.path.join(logs, name))
-    context = mp.start_processes(_logged, args=(fn, logs, world, store, *args), nprocs=world, join=False,
-                                 start_method="spawn")  # fmt: skip
+    context = mp.start_processes(
+        _logged, args=(fn, logs, world, store, *args), nprocs=world, join=False, start_method="spawn"
+    )
     try:
         # join() returns True once all are done, False when some still run, raises on a failure
         deadline = time.monotonic() + timeout
         while not context.join(timeout=max(0.0, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
                 alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
-                raise AssertionError(f"ranks {alive} of {fn.__name__} still ran after {timeout} s: killed\n"
-                                     + _said(logs, world))  # fmt: skip
+                raise AssertionError(
+                    f"ranks {alive} of {fn.__name__} still ran after {timeout} s: killed\n" + _said(logs, world)
+                )
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
         aborted = _aborted_in_teardown(context, logs, e)
         if aborted is not None:
-            raise _TeardownAbort(f"rank {aborted} was killed by SIGABRT while tearing down. The ranks said:\n"
-                                 + _said(logs, world)) from None  # fmt: skip
+            raise _TeardownAbort(
+                f"rank {aborted} was killed by SIGABRT while tearing down. The ranks said:\n" + _said(logs, world)
+            ) from None
         if isinstance(e, mp.ProcessRaisedException):
             raise  # (with the rank's own traceback; what the ranks wrote follows on stderr)
         raise AssertionError(f"rank {e.error_index} of {fn.__name__} died: {e}\n{_said(logs, world)}") from None
@@ -133,6 +138,7 @@ def _aborted_in_teardown(context, logs: str, failure: mp.ProcessException) -> in
     """The rank that gloo aborted (SIGABRT) after it had reached :func:`finish`, if that is why
     the run failed: the rank reported, or, when the rank reported raised an exception in its own
     teardown (its peer gone), another that died so."""
+
     def tearing_down(rank: int) -> bool:
         return os.path.exists(os.path.join(logs, f"rank{rank}.teardown"))
 
@@ -176,8 +182,9 @@ def _pass_on(logs: str, world: int) -> None:
             sys.stderr.write(f"[rank {rank}]\n{text}")
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, cwd=None, timeout: float = JOIN_TIMEOUT_S,
-             env: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+def torchrun(
+    script: str, *args: str, nproc: int = 2, cwd=None, timeout: float = JOIN_TIMEOUT_S, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node nproc script args``; fails with the ranks' errors.
 
     A rank killed by SIGABRT (seen once in CI under heavy load, gloo tearing down, with the
@@ -186,8 +193,15 @@ def torchrun(script: str, *args: str, nproc: int = 2, cwd=None, timeout: float =
 
     def run():
         # its own session, so a deadline kills the ranks with the launcher (not only the launcher)
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -201,7 +215,7 @@ def torchrun(script: str, *args: str, nproc: int = 2, cwd=None, timeout: float =
 
     done = run()
     if done.returncode != 0 and "Signal 6 (SIGABRT)" in done.stderr:
-        warnings.warn(f"{script}: a rank aborted; running it again. It said:\n{diagnosis(done.stderr)}")
+        warnings.warn(f"{script}: a rank aborted; running it again. It said:\n{diagnosis(done.stderr)}", stacklevel=2)
         done = run()
     assert done.returncode == 0, diagnosis(done.stderr)
     return done
@@ -226,5 +240,9 @@ def abort_at_teardown(rank: int, world: int, store: str, out_dir: str) -> None:
     torch.save({"first": first}, os.path.join(out_dir, f"rank{rank}.pt"))
     if first and rank == 1:
         open(os.path.join(out_dir, "aborted"), "w").close()
-        print("terminate called after throwing an instance of 'gloo::IoException' (a stand-in)", file=sys.stderr, flush=True)
+        print(
+            "terminate called after throwing an instance of 'gloo::IoException' (a stand-in)",
+            file=sys.stderr,
+            flush=True,
+        )
         os.abort()

@@ -57,9 +57,9 @@ def test_fp16_overflow_skips_the_step_and_training_goes_on(searching):
     assert scaler.get_scale() == scale * 0.5  # backed off
     assert opt.stats["skipped_steps"] == 1
 
-    for step in range(step + 1, step + 80):
+    for later in range(step + 1, step + 80):
         opt.zero_grad()
-        opt.step(_fp16_closure(model, scaler, *_batches(step)))
+        opt.step(_fp16_closure(model, scaler, *_batches(later)))
     assert opt.stats["skipped_steps"] == 1
     assert _full_loss(model) < initial / 2
 
@@ -86,7 +86,7 @@ def test_grads_are_unscaled_before_the_optimizer_uses_them():
         for step in range(20):
             xb, yb = _batches(step)
 
-            def closure(backwards=False):
+            def closure(backwards=False, xb=xb, yb=yb):
                 loss = nn.functional.cross_entropy(model(xb), yb)
                 if backwards:
                     (scaler.scale(loss) if with_scaler else loss).backward()
@@ -150,7 +150,7 @@ def test_bf16_autocast_needs_nothing_special():
         for o, net in ((opt, model), (ref, ref_model)):
             counter = calls[o] = [0]
 
-            def closure(backwards=False, net=net, counter=counter):
+            def closure(backwards=False, net=net, counter=counter, xb=xb, yb=yb):
                 counter[0] += 1
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = nn.functional.cross_entropy(net(xb), yb)

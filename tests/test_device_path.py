@@ -15,8 +15,7 @@ from helpers import advance_until, assert_unchanged, batches, digits, make_closu
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from salsa_fast import SaLSA, SaLSAWarning
-from salsa_fast import testing
+from salsa_fast import SaLSA, SaLSAWarning, testing
 
 pytest.importorskip("triton")
 interpreter = pytest.importorskip("triton.runtime.interpreter")
@@ -103,7 +102,8 @@ def test_device_skip_is_reported_by_the_next_sync(backend):
         x, _ = digits()
         counter = [0]
         plan = batches(len(x), 300)
-        step = advance_until(opt, lambda i: make_closure(model, "digits", plan[i], torch.float32, counter), False)
+        closures = [make_closure(model, "digits", batch, torch.float32, counter) for batch in plan]
+        step = advance_until(opt, closures.__getitem__, False)
         before = testing.scalars(opt).steps
         opt.zero_grad()
         with warnings.catch_warnings(record=True) as caught:
@@ -164,8 +164,9 @@ class _MixedMLP(nn.Module):
 @pytest.mark.parametrize("searching", [True, False], ids=["search", "plain"])
 @pytest.mark.parametrize("keep_backup", [True, False])
 @pytest.mark.parametrize("buckets", [1, 2])
-def test_a_failed_launch_leaves_parameters_and_state_as_they_were(monkeypatch, fail_at, searching, keep_backup,
-                                                                  buckets):  # fmt: skip
+def test_a_failed_launch_leaves_parameters_and_state_as_they_were(
+    monkeypatch, fail_at, searching, keep_backup, buckets
+):
     """The first or the second kernel launch after the gradient pass raises (out of memory in a
     partials buffer, a compile error on a fresh machine): the step raises it and leaves the
     parameters and the optimizer's state exactly as they were, and the next step trains on.

@@ -124,8 +124,18 @@ def test_fsdp2_dcp_example_resumes_exactly(tmp_path):
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "fsdp2_dcp.py")
     straight = torchrun(example, "--steps", "20", "--save-every", "10", "--checkpoint-dir", "straight", cwd=tmp_path)
     assert (tmp_path / "straight" / "step-10").is_dir() and (tmp_path / "straight" / "step-20").is_dir()
-    resumed = torchrun(example, "--steps", "20", "--resume", str(tmp_path / "straight" / "step-10"),
-                       "--checkpoint-dir", "resumed", cwd=tmp_path)  # fmt: skip
+    resumed = torchrun(
+        example,
+        "--steps",
+        "20",
+        "--resume",
+        str(tmp_path / "straight" / "step-10"),
+        "--checkpoint-dir",
+        "resumed",
+        cwd=tmp_path,
+    )
     assert "resumed from" in resumed.stdout
     last = [line for line in straight.stdout.splitlines() if line.startswith("parameter checksum")]
-    assert len(last) == 1 and last == [line for line in resumed.stdout.splitlines() if line.startswith("parameter checksum")]
+    assert len(last) == 1 and last == [
+        line for line in resumed.stdout.splitlines() if line.startswith("parameter checksum")
+    ]

@@ -14,8 +14,7 @@ import pytest
 import torch
 from helpers import mlp, train
 
-from salsa_fast import LABPAL, SaLSA
-from salsa_fast import testing
+from salsa_fast import LABPAL, SaLSA, testing
 
 OPTIMIZERS = {
     "SaLSA": lambda params, **kw: SaLSA(params, **kw),

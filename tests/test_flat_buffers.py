@@ -10,9 +10,8 @@ import torch
 from helpers import convnet, digits, max_abs_diff, mlp, train
 from torch import nn
 
-from salsa_fast import SaLSA, SaLSAWarning
+from salsa_fast import SaLSA, SaLSAWarning, testing
 from salsa_fast.salsa_reference import SaLSAReference
-from salsa_fast import testing
 
 
 def _inside(t, flat):
@@ -322,7 +321,7 @@ def test_zero_grad_inside_the_closure_does_not_break_the_search():
         for step in range(25):
             xb, yb = x[step * 40 : step * 40 + 40], y[step * 40 : step * 40 + 40]
 
-            def closure(backwards=False):
+            def closure(backwards=False, xb=xb, yb=yb):
                 nonlocal calls
                 calls += 1
                 if inside:
@@ -351,7 +350,7 @@ def test_gradient_accumulation_inside_the_closure():
         for step in range(15):
             xb, yb = x[step * 64 : step * 64 + 64], y[step * 64 : step * 64 + 64]
 
-            def closure(backwards=False):
+            def closure(backwards=False, xb=xb, yb=yb):
                 if not backwards:
                     return nn.functional.cross_entropy(model(xb), yb)
                 total = 0.0

@@ -6,9 +6,8 @@ import pytest
 import torch
 from helpers import max_abs_diff, mlp, train
 
-from salsa_fast import SaLSA, StepInfo
+from salsa_fast import SaLSA, StepInfo, testing
 from salsa_fast.salsa_reference import SaLSAReference
-from salsa_fast import testing
 
 
 def _groups(model, lr=(1.0, 0.3), wd=(0.0, 0.05)):
@@ -131,8 +130,19 @@ def test_diagnostics():
     assert info.step_size == opt.step_size == opt.param_groups[0]["step_size"]
     stats = opt.stats
     assert stats["forwards"] == 1 + info.trials and stats["backwards"] == 1 and stats["searches"] == 1
-    assert set(stats) == {"step_size", "effective_step_size", "search_interval", "searched", "trials", "steps",
-                          "forwards", "backwards", "searches", "total_trials", "skipped_steps"}  # fmt: skip
+    assert set(stats) == {
+        "step_size",
+        "effective_step_size",
+        "search_interval",
+        "searched",
+        "trials",
+        "steps",
+        "forwards",
+        "backwards",
+        "searches",
+        "total_trials",
+        "skipped_steps",
+    }
     assert stats["effective_step_size"] == stats["step_size"]  # (lr 1)
     train(model, opt, 60, start=1)
     assert 0 < opt.search_interval <= 10

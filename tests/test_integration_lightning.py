@@ -1,6 +1,7 @@
 """SaLSAMixin with lightning.Trainer on CPU: it trains, counts steps, logs the step size; on two
 processes (DDP) the ranks take identical decisions, and a run resumed mid-epoch continues exactly."""
 
+import contextlib
 import csv
 import math
 import os
@@ -56,9 +57,16 @@ def _full_loss(model):
 def _fit(model, tmp_path, steps=80, **kwargs):
     logger = L.pytorch.loggers.CSVLogger(str(tmp_path), name="run")
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=10,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )  # fmt: skip
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
     trainer.fit(model, _loader())
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -75,7 +83,9 @@ def test_trains_counts_steps_and_logs_the_step_size(tmp_path):
     logged = [r for r in rows if r.get("step_size")]
     assert len(logged) >= 7
     assert all(float(r["step_size"]) > 0 for r in logged)
-    assert {"effective_step_size", "search_interval", "searched_fraction", "forwards_per_step", "train_loss"} <= set(rows[0])
+    assert {"effective_step_size", "search_interval", "searched_fraction", "forwards_per_step", "train_loss"} <= set(
+        rows[0]
+    )
     assert _full_loss(model) < initial / 2
 
 
@@ -139,25 +149,34 @@ def _ddp_fit(out, *args: str) -> list[dict]:
     launch; if another process took it meanwhile, the run is tried once more on a new one."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for attempt in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}  # this checkout's
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        }  # this checkout's
         log = os.path.join(out, f"ranks-{attempt}.log")
         # Output to a file, not a pipe, and the worker in its own session: rank 0 returns (it waits for
         # rank 1 when it succeeds), and whatever is left of the session is killed, rank 1 included
         # (Lightning does not stop it when rank 0 fails, e.g. on a taken port: it would wait out its timeout).
         with open(log, "w") as sink:
-            run = subprocess.Popen([sys.executable, worker.__file__, str(out), *args], cwd=out, env=env,
-                                   stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            run = subprocess.Popen(
+                [sys.executable, worker.__file__, str(out), *args],
+                cwd=out,
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 run.wait(timeout=DDP_DEADLINE_S)
                 timed_out = False
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(run.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 run.wait()
         with open(log) as f:
             output = f.read()
@@ -206,8 +225,9 @@ def test_ddp_ranks_take_identical_decisions_on_their_own_shares(ddp_run):
 def test_ddp_resumed_mid_epoch_continues_as_the_uninterrupted_run(ddp_run, tmp_path):
     out, uninterrupted = ddp_run
     checkpoint = out / f"step={CHECKPOINT_STEP}.ckpt"
-    resumed = _ddp_fit(tmp_path, "--steps", str(DDP_STEPS), "--checkpoint-every", str(CHECKPOINT_STEP),
-                       "--resume", str(checkpoint))  # fmt: skip
+    resumed = _ddp_fit(
+        tmp_path, "--steps", str(DDP_STEPS), "--checkpoint-every", str(CHECKPOINT_STEP), "--resume", str(checkpoint)
+    )
     for full, rest in zip(uninterrupted, resumed):
         assert rest["global_step"] == DDP_STEPS
         assert rest["rows"] == full["rows"][CHECKPOINT_STEP:]  # the same batches, in the same order

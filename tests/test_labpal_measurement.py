@@ -11,8 +11,8 @@ from helpers import digits, mlp, train
 from torch import nn
 
 from salsa_fast import LABPAL, SaLSAWarning
+from salsa_fast.labpal_parabola import GROWTH, RESOLUTION, H, next_scale, parabola_step, verdict
 from salsa_fast.labpal_reference import LABPALReference
-from salsa_fast.parabola import GROWTH, H, RESOLUTION, next_scale, parabola_step, verdict
 
 DIGITS = dict(training_set_size=1797, batch_size=64)  # accumulation 1: one gradient batch per measurement
 N = 10  # inference batches per measurement (measure_batches), so 3N forwards at the reference's two points
@@ -305,8 +305,12 @@ def test_a_checkpoint_from_before_rescaled_was_counted_loads():
     opt = LABPAL(params)
     run(opt, closure, 12)
     sd = opt.state_dict()
-    old = {**sd, "param_groups": [{**g, "labpal": {k: v for k, v in g["labpal"].items() if k != "rescaled"}}
-                                  for g in sd["param_groups"]]}  # fmt: skip
+    old = {
+        **sd,
+        "param_groups": [
+            {**g, "labpal": {k: v for k, v in g["labpal"].items() if k != "rescaled"}} for g in sd["param_groups"]
+        ],
+    }
     twin = LABPAL(torch_problem(9, torch.float64)[0])
     twin.load_state_dict(old)
     assert twin.stats == {**opt.stats, "rescaled": 0}

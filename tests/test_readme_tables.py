@@ -28,7 +28,9 @@ def test_readme_matches_the_committed_results(readme):
     if rendered != readme:
         import difflib
 
-        diff = "".join(difflib.unified_diff(readme.splitlines(True), rendered.splitlines(True), "README.md", "rendered"))
+        diff = "".join(
+            difflib.unified_diff(readme.splitlines(True), rendered.splitlines(True), "README.md", "rendered")
+        )
         pytest.fail(f"README.md differs from benchmarks/results/; run python benchmarks/readme_tables.py\n{diff}")
 
 
@@ -86,9 +88,15 @@ def test_a_stale_readme_fails_the_check_with_a_diff(readme, tmp_path, capsys):
 @pytest.mark.parametrize("damage", ["unknown block", "wrong source", "missing block"])
 def test_a_block_that_does_not_match_a_results_file_is_an_error(readme, damage):
     if damage == "unknown block":
-        text = readme.replace("results:headline:", "results:nowhere:").replace("/results:headline ", "/results:nowhere ")
+        text = readme.replace("results:headline:", "results:nowhere:").replace(
+            "/results:headline ", "/results:nowhere "
+        )
     elif damage == "wrong source":
-        text = readme.replace("rendered from benchmarks/results/cpu_training_step_mlp4m.json", "rendered from benchmarks/results/none.json", 1)
+        text = readme.replace(
+            "rendered from benchmarks/results/cpu_training_step_mlp4m.json",
+            "rendered from benchmarks/results/none.json",
+            1,
+        )
     else:
         b = next(b for b in rt.blocks(readme) if b["name"] == "headline")
         lines = readme.split("\n")

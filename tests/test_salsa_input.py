@@ -11,9 +11,8 @@ import torch
 from helpers import assert_unchanged, digits, max_abs_diff, mlp, next_step_searches, snapshot, train
 from torch import nn
 
-from salsa_fast import SaLSA, SaLSAWarning
+from salsa_fast import SaLSA, SaLSAWarning, testing
 from salsa_fast.salsa_reference import SaLSAReference
-from salsa_fast import testing
 
 
 def _closure(model, backwards_hook=None, value_hook=None):
@@ -110,19 +109,32 @@ def test_non_scalar_loss_in_a_trial_restores_everything():
 # -- hyperparameters -----------------------------------------------------------------------------
 
 BAD = [
-    ("init_step_size", 0.0), ("init_step_size", -1.0), ("init_step_size", float("nan")),
-    ("c", 0.0), ("c", -0.5),
-    ("momentum", (1.0, 0.999, 0.9)), ("momentum", (0.9, -0.1, 0.9)), ("momentum", (0.9, 0.999, 1.0)),
-    ("momentum", (0.9, 0.999)), ("momentum", "abc"),
-    ("eps", 0.0), ("eps", -1e-8),
+    ("init_step_size", 0.0),
+    ("init_step_size", -1.0),
+    ("init_step_size", float("nan")),
+    ("c", 0.0),
+    ("c", -0.5),
+    ("momentum", (1.0, 0.999, 0.9)),
+    ("momentum", (0.9, -0.1, 0.9)),
+    ("momentum", (0.9, 0.999, 1.0)),
+    ("momentum", (0.9, 0.999)),
+    ("momentum", "abc"),
+    ("eps", 0.0),
+    ("eps", -1e-8),
     ("weight_decay", -0.1),
-    ("growth", 1.0), ("growth", 0.5), ("growth", float("inf")),
-    ("decrease", 0.0), ("decrease", 1.0), ("decrease", 1.5),
-    ("max_backtracks", 0), ("max_backtracks", 2.5), ("max_backtracks", True),
+    ("growth", 1.0),
+    ("growth", 0.5),
+    ("growth", float("inf")),
+    ("decrease", 0.0),
+    ("decrease", 1.0),
+    ("decrease", 1.5),
+    ("max_backtracks", 0),
+    ("max_backtracks", 2.5),
+    ("max_backtracks", True),
     ("max_interval", 0),
     ("direction", "lion"),
     ("backend", "cuda"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name,value", BAD, ids=[f"{n}={v!r}" for n, v in BAD])
@@ -202,7 +214,7 @@ def test_non_finite_trial_loss_is_a_failed_trial():
             xb, yb = x[step * 32 : step * 32 + 32], y[step * 32 : step * 32 + 32]
             seen = [0]
 
-            def closure(backwards=False):
+            def closure(backwards=False, seen=seen, step=step, xb=xb, yb=yb):
                 seen[0] += 1
                 loss = nn.functional.cross_entropy(model(xb), yb)
                 if backwards:

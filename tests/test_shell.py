@@ -10,9 +10,8 @@ import pytest
 import torch
 from helpers import as_previous_release, mlp, train, with_scalars
 
-from salsa_fast import LABPAL, SaLSA
+from salsa_fast import LABPAL, SaLSA, testing
 from salsa_fast.backends import Backend, torch_ops
-from salsa_fast import testing
 
 OPTIMIZERS = {
     "SaLSA": lambda params: SaLSA(params),
@@ -41,7 +40,10 @@ def _everything(model, opt):
     sd = opt.state_dict()
     return (
         [p.detach().clone() for p in model.parameters()],
-        {k: copy.deepcopy(v) if k != "state" else {i: {n: t.clone() for n, t in e.items()} for i, e in v.items()} for k, v in sd.items()},
+        {
+            k: copy.deepcopy(v) if k != "state" else {i: {n: t.clone() for n, t in e.items()} for i, e in v.items()}
+            for k, v in sd.items()
+        },
     )
 
 
@@ -179,7 +181,9 @@ def _bad_values(name):
         if isinstance(value, bool):
             cases += [(f.name, "yes")]
         elif isinstance(value, int):
-            cases += [(f.name, -1), (f.name, 1.5)] + ([(f.name, 0)] if f.name == "accumulation" else [])  # (LABPAL's >= 1)
+            cases += [(f.name, -1), (f.name, 1.5)] + (
+                [(f.name, 0)] if f.name == "accumulation" else []
+            )  # (LABPAL's >= 1)
         elif isinstance(value, list):
             cases += [(f.name, [1.0, math.nan]), (f.name, [-0.5]), (f.name, "1.0,nan"), (f.name, "0.5;0.25")]
         else:  # a float (or None until set)
@@ -275,6 +279,49 @@ def test_no_module_of_the_package_is_over_500_lines():
     root = Path(salsa_fast.__file__).parent
     sizes = {str(p.relative_to(root)): len(p.read_text().splitlines()) for p in root.rglob("*.py")}
     assert len(sizes) > 20 and not {m: n for m, n in sizes.items() if n > 500}
+
+
+def _package_trees():
+    import ast
+    from pathlib import Path
+
+    import salsa_fast
+
+    root = Path(salsa_fast.__file__).parent
+    return {str(p.relative_to(root)): ast.parse(p.read_text()) for p in root.rglob("*.py")}
+
+
+def test_every_function_of_the_package_reads_at_a_glance():
+    """No function or method is longer than 45 lines, ``def`` to its last line, docstring
+    included; the reference twins, written as the papers state the algorithms, aside."""
+    import ast
+
+    lengths = {
+        f"{module}:{node.name}": node.end_lineno - node.lineno + 1
+        for module, tree in _package_trees().items()
+        if not module.endswith("_reference.py")
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
+    assert len(lengths) > 200 and {name: n for name, n in lengths.items() if n > 45} == {}
+
+
+def test_keep_backup_is_decided_in_few_places():
+    """Whether a search keeps a backup is chosen once (the line object, at repack), not branched
+    on by the steps."""
+    import ast
+
+    def mentions(node):
+        return any(isinstance(n, (ast.Name, ast.Attribute)) and "keep_backup" in ast.unparse(n) for n in ast.walk(node))
+
+    branches = [
+        f"{module}:{node.lineno}"
+        for module, tree in _package_trees().items()
+        if not module.endswith("_reference.py")
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.If, ast.IfExp, ast.While)) and mentions(node.test)
+    ]
+    assert len(branches) <= 3, branches
 
 
 def test_a_checkpoint_of_the_previous_layout_loads_and_resumes_exactly(name):

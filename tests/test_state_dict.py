@@ -45,9 +45,7 @@ def test_resume_at_step_40_equals_uninterrupted_run(case):
 
     model, opt = _make(kind, dtype, options, groups)
     first = train(model, opt, cut, kind, dtype)
-    checkpoint = _roundtrip(
-        {"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}
-    )
+    checkpoint = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()})
     del model, opt
 
     model, opt = _make(kind, dtype, options, groups)  # fresh objects
@@ -86,8 +84,15 @@ def test_layout_is_torchs_per_index_layout():
         assert set(sd["state"][i]) == {"exp_avg", "exp_avg_sq"}
         for t in sd["state"][i].values():
             assert t.shape == p.shape and t.dtype == torch.float32
-    assert set(sd["param_groups"][0]["salsa"]) >= {"step_size", "steps", "decrease_avg", "norm_avg", "step_size_slow",
-                                "step_size_fast", "since_search"}  # fmt: skip
+    assert set(sd["param_groups"][0]["salsa"]) >= {
+        "step_size",
+        "steps",
+        "decrease_avg",
+        "norm_avg",
+        "step_size_slow",
+        "step_size_fast",
+        "since_search",
+    }
     assert sd["param_groups"][0]["lr"] == 1.0
     assert sd["param_groups"][0]["step_size"] == opt.step_size
     # only plain Python numbers outside the tensors: loads with weights_only=True

@@ -16,7 +16,9 @@ from salsa_fast import LABPAL, SaLSA
 OPTIMIZERS = {
     "SaLSA": lambda params: SaLSA(params),
     "SaLSA-keep_backup=False": lambda params: SaLSA(params, keep_backup=False),
-    "LABPAL": lambda params: LABPAL(params, measure_batches=2, reuse_steps=5, warmup_updates=3, trusted_norm=(1e-3, 1e3)),
+    "LABPAL": lambda params: LABPAL(
+        params, measure_batches=2, reuse_steps=5, warmup_updates=3, trusted_norm=(1e-3, 1e3)
+    ),
 }
 
 

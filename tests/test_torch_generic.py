@@ -96,27 +96,56 @@ import pickle
 
 import pytest
 import torch
+from conftest import cuda
+from generic_infos import (
+    ADAM_INFO,
+    CLOSURE_OPTIMIZERS,
+    INFOS,
+    LABPAL_INFO,
+    SALSA_INFO,
+    SCHEDULERS,
+    TRAINING_KWARGS,
+    OptimizerErrorEnum,
+    assert_same,
+    cases,
+    clones,
+    closure_for,
+    constant_closure,
+    error_cases,
+    first_update_calls,
+    forward_only,
+    goes_right,
+    group_lrs,
+    quadratic,
+    resumed_scheduler,
+    run_steps,
+    small_problem,
+    split_kwargs,
+    step_schedulers,
+    take_step,
+    torch_problem,
+    trained,
+    training_data,
+    ulps,
+    used_beta1,
+    without_names,
+)
+from helpers import as_previous_release
 from torch.nn import Parameter
 from torch.optim import SGD
 from torch.optim.lr_scheduler import ConstantLR, OneCycleLR, ReduceLROnPlateau
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
-from conftest import cuda
-from generic_infos import (
-    ADAM_INFO, CLOSURE_OPTIMIZERS, INFOS, LABPAL_INFO, SALSA_INFO, SCHEDULERS, TRAINING_KWARGS, OptimizerErrorEnum,
-    assert_same, cases, clones, closure_for, constant_closure, error_cases, first_update_calls, forward_only, goes_right,
-    group_lrs, quadratic, resumed_scheduler, run_steps, small_problem, split_kwargs, step_schedulers, take_step,
-    torch_problem, trained, training_data, ulps, used_beta1, without_names,
-)  # fmt: skip
-from helpers import as_previous_release
 from salsa_fast import LABPAL, SaLSAWarning
 
 CASES = cases()
 DEFAULTS = cases(first_only=True)
 NAMED = pytest.mark.parametrize("named", [False, True], ids=["unnamed", "named"])
-NAMED_PAIRS = (pytest.mark.parametrize("named1", [False, True], ids=["to_unnamed", "to_named"]),
-               pytest.mark.parametrize("named0", [False, True], ids=["from_unnamed", "from_named"]))  # fmt: skip
+NAMED_PAIRS = (
+    pytest.mark.parametrize("named1", [False, True], ids=["to_unnamed", "to_named"]),
+    pytest.mark.parametrize("named0", [False, True], ids=["from_unnamed", "from_named"]),
+)
 
 
 @pytest.fixture(autouse=True)
@@ -789,12 +818,16 @@ def test_step_all_hooks(info, kwargs):
     opt = _one_param_opt(info, kwargs)
     sgd = SGD(opt.param_groups[0]["params"])
     data = []
-    handles = [register_optimizer_step_pre_hook(lambda *a: data.append(0)),
-               register_optimizer_step_post_hook(lambda *a: data.append(5))]  # fmt: skip
+    handles = [
+        register_optimizer_step_pre_hook(lambda *a: data.append(0)),
+        register_optimizer_step_post_hook(lambda *a: data.append(5)),
+    ]
     try:
         for o in (opt, sgd):
-            handles += [o.register_step_pre_hook(lambda *a: data.append(1)),
-                        o.register_step_post_hook(lambda *a: data.append(2))]  # fmt: skip
+            handles += [
+                o.register_step_pre_hook(lambda *a: data.append(1)),
+                o.register_step_post_hook(lambda *a: data.append(2)),
+            ]
         for o in (opt, sgd, opt):
             o.step(_a_step(opt))
         assert data == [0, 1, 2, 5] * 3
@@ -869,8 +902,9 @@ def test_scheduler_resume(info, kwargs, name):
         assert group_lrs(opt_c) == group_lrs(opt) and torch.equal(w_c, w) and torch.equal(b_c, b)
 
 
-@pytest.mark.parametrize("name", ["StepLR", "ExponentialLR", "CosineAnnealingLR", "LinearLR", "OneCycleLR", "SWALR",
-                                  "ReduceLROnPlateau"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["StepLR", "ExponentialLR", "CosineAnnealingLR", "LinearLR", "OneCycleLR", "SWALR", "ReduceLROnPlateau"]
+)
 @pytest.mark.parametrize("info, kwargs", DEFAULTS)
 def test_scheduler_checkpoint(info, kwargs, name):
     """torch's ``test_lr_scheduler_checkpoint(_on_plateau)``: a scheduler made with ``last_epoch=0``
@@ -996,8 +1030,9 @@ def test_compiled_step_matches_eager_without_recompiling(info, kwargs):
     compiled = torch.compile(train_step, backend=counter)
 
     def compiles():
-        return counter.frame_count, {f"{c.co_name} ({c.co_filename}:{c.co_firstlineno})": list(r)
-                                     for c, r in guard_failures.items()}  # fmt: skip
+        return counter.frame_count, {
+            f"{c.co_name} ({c.co_filename}:{c.co_firstlineno})": list(r) for c, r in guard_failures.items()
+        }
 
     try:
         with torch._dynamo.config.patch(recompile_limit=64):  # a recompile per step must not hide behind the limit
@@ -1011,8 +1046,10 @@ def test_compiled_step_matches_eager_without_recompiling(info, kwargs):
                 for p, q in ((w, w_c), (b, b_c)):
                     torch.testing.assert_close(q, p, rtol=0, atol=ulps(p, 4 * (i + 1)))
         (frames_warm, recompiles_warm), (frames, recompiles) = warm, compiles()
-        new = {k: r[len(recompiles_warm.get(k, [])):] for k, r in recompiles.items()}
+        new = {k: r[len(recompiles_warm.get(k, [])) :] for k, r in recompiles.items()}
         new = {k: r for k, r in new.items() if r}
-        assert frames == frames_warm and not new, f"graphs compiled after warm-up: {frames_warm} -> {frames}; recompiles: {new}"
+        assert frames == frames_warm and not new, (
+            f"graphs compiled after warm-up: {frames_warm} -> {frames}; recompiles: {new}"
+        )
     finally:
         torch._dynamo.reset()

@@ -30,7 +30,13 @@ class CharDataset(torch.utils.data.Dataset):
 def tiny_gpt2(vocab, dropout=0.1):
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=vocab, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-    )  # fmt: skip
+        vocab_size=vocab,
+        n_positions=SEQ,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
     return transformers.GPT2LMHeadModel(config)

@@ -69,11 +69,21 @@ def main() -> None:
 
     data = CharDataset(SAMPLES)
     args = transformers.TrainingArguments(
-        output_dir=os.path.join(cli.out, "run"), per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUMULATION, max_steps=STEPS, save_strategy="steps", save_steps=SAVE_STEPS,
-        logging_steps=SAVE_STEPS, report_to=[], disable_tqdm=True, use_cpu=True, seed=0, dataloader_num_workers=0,
-        ddp_backend="gloo", ddp_timeout=TIMEOUT_S,
-    )  # fmt: skip
+        output_dir=os.path.join(cli.out, "run"),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUMULATION,
+        max_steps=STEPS,
+        save_strategy="steps",
+        save_steps=SAVE_STEPS,
+        logging_steps=SAVE_STEPS,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        ddp_backend="gloo",
+        ddp_timeout=TIMEOUT_S,
+    )
     trainer = RecordingTrainer(model=tiny_gpt2(data.vocab, DROPOUT), args=args, train_dataset=data)
     trainer.train(resume_from_checkpoint=cli.resume)
 
@@ -82,8 +92,13 @@ def main() -> None:
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     # (private API: the only way to read the timeout the group was created with)
     timeout = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu")).options._timeout
-    result = {"params": params, "trace": trainer.trace, "batches": trainer.batches, "timeout": timeout.total_seconds(),
-              "package": salsa_fast.__file__}  # fmt: skip
+    result = {
+        "params": params,
+        "trace": trainer.trace,
+        "batches": trainer.batches,
+        "timeout": timeout.total_seconds(),
+        "package": salsa_fast.__file__,
+    }
     torch.save(result, os.path.join(cli.out, f"rank{rank}.pt"))
     # DDP's reducer holds the group too. Were its reference the last (after destroy_process_group), freeing
     # the trainer would destroy the group with the GIL held, and ~ProcessGroupGloo then waits for a gloo

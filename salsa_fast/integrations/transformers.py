@@ -61,8 +61,7 @@ class _TrainerSaLSA(SaLSA):
 class SaLSATrainer(Trainer):
     """A ``transformers.Trainer`` that trains with SaLSA. See the module docstring."""
 
-    def __init__(self, *args, salsa_kwargs: dict[str, Any] | None = None, schedule_multiplier: bool = False,
-                 **kwargs):  # fmt: skip
+    def __init__(self, *args, salsa_kwargs: dict[str, Any] | None = None, schedule_multiplier: bool = False, **kwargs):
         self.salsa_kwargs = dict(salsa_kwargs or {})
         self.schedule_multiplier = schedule_multiplier
         self._window: list[tuple[Any, Any]] = []

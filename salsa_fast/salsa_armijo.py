@@ -7,7 +7,7 @@ the parameters where it says.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 MIN_LOSS = 1e-8  # below this |loss| (or smoothed norm) the criterion is meaningless
 SLOW, FAST = 0.99, 0.9  # smoothing of the two step-size averages behind the search interval

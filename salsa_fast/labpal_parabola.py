@@ -4,8 +4,8 @@ have decided it; shared by :class:`salsa_fast.LABPAL` (its reference twin restat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 H = 1.77e-4  # the authors' first sample position on the line (hard-coded in their implementation)
 RESOLUTION = 4.0  # a fit is decided when its slope and curvature stand this many noise reaches from 0
@@ -40,8 +40,14 @@ def parabola_step(losses: tuple[float, float, float], h: float, mu: float, fit: 
     return a, b, s
 
 
-def loss_noise(losses: tuple[float, float, float], k_losses: tuple[float, float, float], h: float, mu: float,
-               slope: float, eps: float) -> float:  # fmt: skip
+def loss_noise(
+    losses: tuple[float, float, float],
+    k_losses: tuple[float, float, float],
+    h: float,
+    mu: float,
+    slope: float,
+    eps: float,
+) -> float:
     """How far rounding may move each loss of a measurement (``losses`` at ``0, h, mu``): the
     larger of the loss dtype's resolution (``eps`` times the largest loss) and the gradient
     batches' misfit at ``h``.
@@ -101,9 +107,17 @@ class LineFit:
         return self.a > 0 and self.b < 0
 
 
-def fit_line(losses: tuple[float, float, float], k_losses: tuple[float, float, float],
-             losses_at: Callable[[float], tuple[float, float]], *, mu: float, fit: str, max_step_size: float,
-             slope: float, eps: float) -> LineFit:  # fmt: skip
+def fit_line(
+    losses: tuple[float, float, float],
+    k_losses: tuple[float, float, float],
+    losses_at: Callable[[float], tuple[float, float]],
+    *,
+    mu: float,
+    fit: str,
+    max_step_size: float,
+    slope: float,
+    eps: float,
+) -> LineFit:
     """The reference's fit of ``losses`` at ``0, H, mu`` (``k_losses``: the gradient batches'
     alone). If it rejects, it is fitted again with both sample steps ``GROWTH`` times longer
     while its :func:`verdict` is None and :func:`next_scale` has room (``losses_at(x)``: the
@@ -135,18 +149,26 @@ def rejection(line: LineFit, mu: float, max_step_size: float) -> str:
     """Why a fit was rejected, and the argument that changes it (for the warning)."""
     h, far = H * line.scale, mu * line.scale
     if line.decided is None:
-        return (f"the losses differ by no more than their rounding (about {line.noise:.2g} each) even at sample steps "
-                f"{h:.3g} and {far:.3g}: max_step_size={max_step_size} bounds how far out they may go (a float64 "
-                "loss resolves finer)")  # fmt: skip
+        return (
+            f"the losses differ by no more than their rounding (about {line.noise:.2g} each) even at sample steps "
+            f"{h:.3g} and {far:.3g}: max_step_size={max_step_size} bounds how far out they may go (a float64 "
+            "loss resolves finer)"
+        )
     shape = "not convex" if line.a <= 0 else "not descending" if line.b >= 0 else "not finite"
-    return f"the loss along the line is {shape} at sample steps {h:.3g} and {far:.3g}: sample_step={mu} sets where it is sampled"
+    return (
+        f"the loss along the line is {shape} at sample steps {h:.3g} and {far:.3g}: "
+        f"sample_step={mu} sets where it is sampled"
+    )
 
 
 def in_a_row(what: str, why: str, measured: bool) -> str:
     """The warning for ``IN_A_ROW`` measurements abandoned (``what="abandoned"``) or rejected."""
     did = "abandoned" if what == "abandoned" else "rejected the parabola fit of"
-    then = "LABPAL trains on with the step last measured" if measured else (
-        "nothing is measured yet, so LABPAL does not train until a measurement succeeds")  # fmt: skip
+    then = (
+        "LABPAL trains on with the step last measured"
+        if measured
+        else ("nothing is measured yet, so LABPAL does not train until a measurement succeeds")
+    )
     return f"LABPAL {did} {IN_A_ROW} measurements in a row ({then}): {why}."
 
 
