@@ -82,19 +82,19 @@ def salsa_passes(backend: str, n: int, dtype, device):
     def step():  # as the optimizer does it: the probe raises the device's flag, the update reads it
         h.state.begin(11.0)
         be.probe(b, h)
-        be.plain_step(b, h=h, count_skip=True, **kw)
+        be.plain_step(b, hyper=h, count_skip=True, **kw)
 
     def trial():
         if not b.search_active:  # a trial rewrites from the backup its search's first pass wrote
-            be.search_begin(b, h=h, **kw)
-        be.search_trial(b, h=h, **kw)
+            be.backup_begin(b, hyper=h, **kw)
+        be.backup_trial(b, hyper=h, **kw)
 
     return {
         "step": step,
-        "step_kernel": lambda: be.plain_step(b, h=h, **kw),
-        "first_pass": lambda: be.search_begin(b, h=h, **kw),
+        "step_kernel": lambda: be.plain_step(b, hyper=h, **kw),
+        "first_pass": lambda: be.backup_begin(b, hyper=h, **kw),
         "trial": trial,
-        "commit": lambda: be.search_commit(b, h=h),
+        "commit": lambda: be.search_commit(b, hyper=h),
     }
 
 

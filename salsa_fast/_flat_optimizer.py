@@ -226,7 +226,7 @@ class FlatOptimizer(StateDictMixin, Optimizer):
                     by_key.setdefault((kind, p.device, p.dtype), []).append(p)
             for (kind, _, _), plist in by_key.items():
                 buckets.append(
-                    kind(plist, gi, keep_second_moment=self.keep_second_moment, keep_backup=self.keep_backup)
+                    kind(plist, gi, keep_second_moment=self.keep_second_moment, adams_memory=not self.keep_backup)
                 )
         return buckets
 

@@ -15,7 +15,7 @@ bucket, in which parameter ``i`` occupies ``[offsets[i], offsets[i] + numel_i)``
   the parameter list against views of the flat buffers; the Triton kernels read a table of
   each parameter's address and flat offset (:mod:`salsa_fast.kernels.table`).
 
-Each parameter's region starts at an offset aligned to ``ALIGN_BYTES`` (in a *lean* bucket,
+Each parameter's region starts at an offset aligned to ``ALIGN_BYTES`` (in a bucket of
 ``keep_backup=False``, regions are packed without gaps: not a byte beyond Adam's); the padding between
 regions is zero in every buffer and stays zero under every update (a zero gradient gives a zero
 direction), so it never contributes to a reduction.
@@ -73,6 +73,9 @@ class FlatBucket:
         exp_avg, exp_avg_sq: flat fp32 (fp64 for fp64 parameters) moments; ``exp_avg_sq`` is
             None for the SGD direction.
         backup: the flat buffer (parameter dtype) a search returns to, allocated on first use.
+        adams_memory: the bucket holds no more than Adam's memory (the optimizer's
+            ``keep_backup=False``): regions packed without padding, and no work buffer kept
+            between steps (see :attr:`work`).
         scratch, workspace: backend-owned tensors, dropped after each search / kept between
             steps (work buffers, partial sums, the kernels' parameter table).
     """
@@ -81,11 +84,13 @@ class FlatBucket:
 
     @property
     def work(self) -> dict[str, torch.Tensor]:
-        """Where a backend caches its small work tensors (partial sums): the workspace, or, in a
-        lean bucket, a throwaway dict, so that nothing outlives the step."""
-        return self.workspace if self.keep_work else {}
+        """Where a backend caches its small work tensors (partial sums): the workspace, or, with
+        ``keep_backup=False``, a throwaway dict, so that nothing outlives the step."""
+        return {} if self.adams_memory else self.workspace
 
-    def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool, lean: bool = False):
+    def __init__(
+        self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool, adams_memory: bool = False
+    ):
         self.params = list(params)
         tensors = self.tensors()
         first = tensors[0]
@@ -94,8 +99,8 @@ class FlatBucket:
         self.dtype = first.dtype
         self.state_dtype = state_dtype_for(first.dtype)
 
-        # lean (keep_backup=False): not a byte beyond Adam's, so no padding between regions
-        align = 1 if lean else max(1, ALIGN_BYTES // first.element_size())
+        # not a byte beyond Adam's: no padding between regions
+        align = 1 if adams_memory else max(1, ALIGN_BYTES // first.element_size())
         self.offsets: list[int] = []
         total = 0
         for t in tensors:
@@ -109,10 +114,7 @@ class FlatBucket:
         self.exp_avg_sq = torch.zeros(total, dtype=self.state_dtype, **kw) if keep_second_moment else None
         self.backup: torch.Tensor | None = None
         self.search_active = False  # between a search's first pass and its commit or abort
-        # keep_backup=False: where the parameters are relative to the step's start p0, as
-        # (momentum direction?, lr * step size, decay) of p = p0 * (1 - decay) - lr_step * d; None at p0
-        self.lean_at: tuple[bool, float, float] | None = None
-        self.keep_work = not lean  # may backends keep work buffers between steps (False: Adam's memory)
+        self.adams_memory = adams_memory
         self.scratch: dict[str, torch.Tensor] = {}
         self.workspace: dict[str, torch.Tensor] = {}
         self._views: dict[str, list[torch.Tensor]] = {}
@@ -172,7 +174,6 @@ class FlatBucket:
     def end_search(self) -> None:
         """The search is over (committed or undone): no trial point, no scratch."""
         self.search_active = False
-        self.lean_at = None
         self.scratch.clear()
 
     @torch.no_grad()
@@ -261,11 +262,13 @@ class ShardBucket(FlatBucket):
     into the flat gradient buffer each step instead of accumulating into views.
     """
 
-    def __init__(self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool, lean: bool = False):
+    def __init__(
+        self, params: list[torch.Tensor], group_index: int, keep_second_moment: bool, adams_memory: bool = False
+    ):
         from .distributed import is_sharded
 
         self.sharded = any(is_sharded(p) for p in params)
-        super().__init__(params, group_index, keep_second_moment, lean)
+        super().__init__(params, group_index, keep_second_moment, adams_memory)
 
     def tensors(self) -> list[torch.Tensor]:
         return [p._local_tensor for p in self.params]

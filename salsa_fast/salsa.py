@@ -352,7 +352,7 @@ class SaLSA(FlatOptimizer):
         self._raise_flags(st.loss, st.grads_bad)
         eta_try = s.step_size * self.growth
         for b, h, lr, decay, counts in zip(self._buckets, self._hypers, *st.update, self._counts_skip):
-            backend.plain_step(b, lr_step=lr * eta_try, decay=decay, h=h, count_skip=counts)
+            backend.plain_step(b, lr_step=lr * eta_try, decay=decay, hyper=h, count_skip=counts)
         s.steps, s.since_search = st.number, s.since_search + 1
         s.forwards += 1
         s.backwards += 1

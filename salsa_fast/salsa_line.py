@@ -83,7 +83,7 @@ class Line:
         """The search is decided: each bucket's moments are written, in turn (a commit that
         raises leaves the buckets not yet committed to :meth:`back`); the parameters stay."""
         for i, (b, hyper) in enumerate(zip(self.buckets, self.hypers)):
-            self.backend.search_commit(b, h=hyper)
+            self.backend.search_commit(b, hyper=hyper)
             self._committed(i)
             b.end_search()
         self.at = None
@@ -100,15 +100,15 @@ class BackupLine(Line):
         sums = []
         for i, (b, hyper) in enumerate(zip(self.buckets, self.hypers)):
             _, lr_step, decay = first.bucket(i)
-            sums.append(self.backend.search_begin(b, lr_step=lr_step, decay=decay, h=hyper))
+            sums.append(self.backend.backup_begin(b, lr_step=lr_step, decay=decay, hyper=hyper))
         self.at = first
         return sums
 
     def _write(self, point: Point) -> None:
-        write = self.backend.search_momentum_point if point.momentum else self.backend.search_trial
+        write = self.backend.backup_momentum_point if point.momentum else self.backend.backup_trial
         for i, (b, hyper) in enumerate(zip(self.buckets, self.hypers)):
             _, lr_step, decay = point.bucket(i)
-            write(b, lr_step=lr_step, decay=decay, h=hyper)
+            write(b, lr_step=lr_step, decay=decay, hyper=hyper)
 
     def _back(self, i: int) -> None:
         self.buckets[i].abort_search()  # (a copy, if the first pass got as far as the backup)
@@ -126,7 +126,7 @@ class MovingLine(Line):
         self.places: list[tuple[bool, float, float] | None] = [None] * len(buckets)  # each bucket's; None: p0
 
     def begin(self, first: Point) -> list[torch.Tensor]:
-        return [self.backend.lean_norm(b, h=hyper) for b, hyper in zip(self.buckets, self.hypers)]
+        return [self.backend.moving_begin(b, hyper=hyper) for b, hyper in zip(self.buckets, self.hypers)]
 
     def _write(self, point: Point) -> None:
         for i in range(len(self.buckets)):
@@ -154,4 +154,4 @@ class MovingLine(Line):
 
     def _move(self, i: int, mode: int, momentum: bool, s: float, decay: float) -> None:
         b, hyper = self.buckets[i], self.hypers[i]
-        self.backend.lean_move(b, mode=mode, momentum=momentum, s=s, decay=decay, h=hyper)
+        self.backend.moving_move(b, mode=mode, momentum=momentum, s=s, decay=decay, hyper=hyper)

@@ -9,7 +9,10 @@ get the divisibility hint, constexprs are baked in) and compiles each distinct v
 target with Triton's bundled ptxas. It prints one JSON record per (variant, target):
 
 * ``kernel``, ``constexprs``, ``pointers`` (each pointer argument's type and whether it is
-  16-byte aligned), ``counts`` (each element-count argument and whether it is divisible by 16),
+  16-byte aligned), ``counts`` (each element-count argument the kernel specialises on and
+  whether it is divisible by 16; the whole-buffer kernels do not specialise on theirs),
+* ``layouts``, ``lengths``: the bucket layouts whose launches made the variant, and the flat
+  lengths ``n`` they passed (whole-buffer kernels),
 * ``global``: counts of global memory instructions in the PTX (``ld.v4.32``: a 128-bit load),
 * ``bytes_128``: bytes per element moved by 128-bit accesses (per thread, over the
   ``BLOCK / (32 * num_warps)`` elements each thread handles),
@@ -45,13 +48,14 @@ from triton.runtime.jit import JITFunction, native_specialize_impl  # noqa: E402
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _OPTIONS = ("num_warps", "num_stages", "num_ctas")
-_launches: list[tuple[JITFunction, dict]] = []
+_launches: list[tuple[JITFunction, dict, str]] = []
+_layout = ["?"]  # the layout whose launches are being recorded
 
 
 def _record(self, *args, grid, warmup, **kwargs):
     bound = dict(zip(self.arg_names, args))
     bound.update(kwargs)
-    _launches.append((self, bound))
+    _launches.append((self, bound, _layout[0]))
 
 
 # -- which launches: every configuration of the optimizers ------------------------------------
@@ -60,16 +64,18 @@ def _record(self, *args, grid, warmup, **kwargs):
 def _bucket(dtype, layout: str, direction: str):
     """A bucket of three parameters: ``aligned`` (padded regions, 16-byte aligned parameters),
     ``misaligned`` (a parameter that is a view at an odd offset), ``lean`` (packed without
-    padding, keep_backup=False: flat offsets not multiples of 16) or ``lean16`` (packed, sizes
-    that keep them multiples of 16)."""
+    padding, keep_backup=False: flat offsets and the flat length not multiples of 16) or
+    ``lean16`` (packed, sizes that keep them multiples of 16)."""
     from salsa_fast.flat import FlatBucket
 
     sizes = (3008, 1024, 16) if layout == "lean16" else (3000, 17, 1024)
     tensors = [torch.zeros(n, dtype=dtype) for n in sizes]
     if layout == "misaligned":
         tensors[1] = torch.zeros(18, dtype=dtype)[1:]
-    lean = layout.startswith("lean")
-    return FlatBucket([nn.Parameter(t) for t in tensors], 0, keep_second_moment=direction == "adam", lean=lean)
+    adams_memory = layout.startswith("lean")
+    return FlatBucket(
+        [nn.Parameter(t) for t in tensors], 0, keep_second_moment=direction == "adam", adams_memory=adams_memory
+    )
 
 
 def _salsa_launches(dtype, layout: str, direction: str, use_mv: bool) -> None:
@@ -81,16 +87,16 @@ def _salsa_launches(dtype, layout: str, direction: str, use_mv: bool) -> None:
     loss = torch.zeros((), dtype=torch.float32)
     triton_ops.probe(b, h, loss)
     triton_ops.probe(b, h)
-    triton_ops.plain_step(b, lr_step=0.1, decay=0.01, h=h, count_skip=True)
+    triton_ops.plain_step(b, lr_step=0.1, decay=0.01, hyper=h, count_skip=True)
     if layout.startswith("lean"):  # keep_backup=False: the norm, then the moves a MovingLine makes
-        triton_ops.lean_norm(b, h=h)
+        triton_ops.moving_begin(b, hyper=h)
         for mode, momentum in ((FIRST, False), (MOVE, False), (RESTORE, False), (FIRST, True), (RESTORE, True)):
-            triton_ops.lean_move(b, mode=mode, momentum=momentum, s=0.1, decay=0.01, h=h)
+            triton_ops.moving_move(b, mode=mode, momentum=momentum, s=0.1, decay=0.01, hyper=h)
     else:
-        triton_ops.search_begin(b, lr_step=0.1, decay=0.01, h=h)
-        triton_ops.search_trial(b, lr_step=0.1, decay=0.01, h=h)
-        triton_ops.search_momentum_point(b, lr_step=0.1, decay=0.01, h=h)
-    triton_ops.search_commit(b, h=h)
+        triton_ops.backup_begin(b, lr_step=0.1, decay=0.01, hyper=h)
+        triton_ops.backup_trial(b, lr_step=0.1, decay=0.01, hyper=h)
+        triton_ops.backup_momentum_point(b, lr_step=0.1, decay=0.01, hyper=h)
+    triton_ops.search_commit(b, hyper=h)
 
 
 def _labpal_launches(dtype, layout: str) -> None:
@@ -106,18 +112,25 @@ def _labpal_launches(dtype, layout: str) -> None:
             triton_ops.labpal_sums(b, src, **kw)
             # the training update (a rate and a finite-flag each on the device, or not), and the
             # move along the measured line (writing the momentum buffer or not)
-            for c, o, write in ((None, None, True), (None, ok, True), (coef, None, True), (coef, ok, True),
-                                (None, None, False)):  # fmt: skip
+            for c, o, write in (
+                (None, None, True),
+                (None, ok, True),
+                (coef, None, True),
+                (coef, ok, True),
+                (None, None, False),
+            ):
                 triton_ops.labpal_update(b, src, scale=0.1, coef=c, ok=o, write_buffer=write, **kw)
             # the measurement's first point (saves the backup), its further points, the last one
             for save, write in ((True, False), (False, False), (False, True)):
                 triton_ops.labpal_point(b, src, scale=0.1, save_backup=save, write_buffer=write, **kw)
 
 
-def record_launches() -> list[tuple[JITFunction, dict]]:
-    """Drive the launchers (kernels recorded, not run) over every dtype, layout and option."""
+def record_launches() -> list[tuple[JITFunction, dict, str]]:
+    """Drive the launchers (kernels recorded, not run) over every dtype, layout and option:
+    (kernel, bound arguments, layout) per launch."""
     for dtype in DTYPES:
         for layout in ("aligned", "misaligned", "lean", "lean16"):
+            _layout[0] = layout
             for direction in ("adam", "sgd"):
                 for use_mv in (False, True):
                     _salsa_launches(dtype, layout, direction, use_mv)
@@ -171,8 +184,11 @@ def _width(key: str) -> int:
 
 def _ptxas_report(log: str) -> dict[str, int]:
     numbers = {}
-    for name, pattern in (("stack_frame", r"(\d+) bytes stack frame"), ("spill_stores", r"(\d+) bytes spill stores"),
-                          ("spill_loads", r"(\d+) bytes spill loads")):  # fmt: skip
+    for name, pattern in (
+        ("stack_frame", r"(\d+) bytes stack frame"),
+        ("spill_stores", r"(\d+) bytes spill stores"),
+        ("spill_loads", r"(\d+) bytes spill loads"),
+    ):
         found = [int(n) for n in re.findall(pattern, log)]
         numbers[name] = max(found) if found else -1  # -1: ptxas said nothing (a failed parse)
     return numbers
@@ -180,7 +196,7 @@ def _ptxas_report(log: str) -> dict[str, int]:
 
 def compile_variant(job: tuple) -> list[dict]:
     """Compile one specialized variant for each target; its records."""
-    kernel_name, signature, constexprs, attrs, options, archs, pointers, counts16 = job
+    kernel_name, signature, constexprs, attrs, options, archs, pointers, counts16, launched = job
     kernel = _KERNELS[kernel_name]
     knobs.nvidia.dump_ptxas_log = True
     records = []
@@ -191,12 +207,20 @@ def compile_variant(job: tuple) -> list[dict]:
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         counts = _global_counts(compiled.asm["ptx"])
         per_thread = constexprs[(kernel.arg_names.index("BLOCK"),)] // (32 * options.get("num_warps", 4))
-        records.append({
-            "kernel": kernel_name, "arch": arch,
-            "constexprs": {kernel.arg_names[k[0]]: v for k, v in constexprs.items()},
-            "pointers": pointers, "counts": counts16, "global": counts, "bytes_128": _bytes_128(counts, per_thread),
-            **_ptxas_report(log.getvalue()),
-        })  # fmt: skip
+        records.append(
+            {
+                "kernel": kernel_name,
+                "arch": arch,
+                "constexprs": {kernel.arg_names[k[0]]: v for k, v in constexprs.items()},
+                "pointers": pointers,
+                "counts": counts16,
+                "layouts": sorted(launched["layouts"]),
+                "lengths": sorted(launched["lengths"]),
+                "global": counts,
+                "bytes_128": _bytes_128(counts, per_thread),
+                **_ptxas_report(log.getvalue()),
+            }
+        )
     return records
 
 
@@ -204,22 +228,34 @@ _KERNELS: dict[str, JITFunction] = {}
 
 
 def jobs(archs: list[int]) -> list[tuple]:
-    """One job per distinct variant (the same specialization launched twice compiles once)."""
+    """One job per distinct variant (the same specialization launched twice compiles once, its
+    launches' layouts and lengths gathered)."""
     backend = CUDABackend(GPUTarget("cuda", max(archs), 32))
-    out, seen = [], set()
-    for kernel, bound in record_launches():
+    out, seen = [], {}
+    for kernel, bound, layout in record_launches():
         signature, constexprs, attrs, options = specialize(kernel, bound, backend)
         name = kernel.fn.__name__
         _KERNELS[name] = kernel
-        key = (name, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(attrs)),
-               tuple(options.items()))  # fmt: skip
-        if key in seen:
-            continue
-        seen.add(key)
-        pointers = {n: [t, (i,) in attrs] for i, (n, t) in enumerate(signature.items()) if t.startswith("*")}
-        counts16 = {n: (i,) in attrs for i, n in enumerate(signature) if n == "n"}
-        out.append((name, signature, constexprs, attrs, options, archs, pointers, counts16))
+        key = (name, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(attrs)))
+        key += (tuple(options.items()),)
+        if key not in seen:
+            seen[key] = {"layouts": set(), "lengths": set()}
+            out.append((name, signature, constexprs, attrs, options, archs, _pointers(signature, attrs)))
+            out[-1] += (_counts(kernel, signature, attrs), seen[key])
+        seen[key]["layouts"].add(layout)
+        if "n" in bound:
+            seen[key]["lengths"].add(bound["n"])
     return out
+
+
+def _pointers(signature: dict, attrs: dict) -> dict:
+    """Each pointer argument's type and whether it has the 16-byte alignment hint."""
+    return {n: [t, (i,) in attrs] for i, (n, t) in enumerate(signature.items()) if str(t).startswith("*")}
+
+
+def _counts(kernel: JITFunction, signature: dict, attrs: dict) -> dict:
+    """Each element-count argument the kernel specialises on, and whether it has the hint."""
+    return {n: (i,) in attrs for i, n in enumerate(signature) if n == "n" and not kernel.params[i].do_not_specialize}
 
 
 def _init_worker() -> None:
@@ -238,7 +274,7 @@ def main() -> None:
     work = jobs(args.arch)
     if args.list:
         for name, signature, constexprs, *_ in work:
-            print(name, {k: v for k, v in signature.items() if v.startswith("*")}, constexprs)
+            print(name, {k: v for k, v in signature.items() if str(v).startswith("*")}, constexprs)
         print(len(work), "variants", file=sys.stderr)
         return
     if args.jobs > 1:

@@ -28,15 +28,19 @@ def records() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
         [sys.executable, os.path.join(HERE, "compile_kernels.py"), "--arch", *map(str, ARCHS), "--jobs", "2"],
-        capture_output=True, text=True, env=env, timeout=1800,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout)
 
 
 def _byte_table() -> list[dict]:
     """The README's byte table: kernel, constexpr filter, bytes for fp32 and bf16 parameters."""
-    text = open(README).read()
+    with open(README) as f:
+        text = f.read()
     table = text[text.index("<!-- byte-table") : text.index("<!-- /byte-table -->")]
     rows = []
     for line in table.splitlines()[3:]:
@@ -44,10 +48,15 @@ def _byte_table() -> list[dict]:
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         variant = dict(item.strip().split("=") for item in cells[2].split(",") if item.strip())
-        rows.append({
-            "pass": cells[0], "kernel": cells[1].strip("`"), "variant": {k: int(v) for k, v in variant.items()},
-            "fp32": int(cells[5]), "bf16": int(cells[6]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "pass": cells[0],
+                "kernel": cells[1].strip("`"),
+                "variant": {k: int(v) for k, v in variant.items()},
+                "fp32": int(cells[5]),
+                "bf16": int(cells[6]),
+            }
+        )
     return rows
 
 
@@ -76,9 +85,10 @@ def _matching(record, rows) -> list[dict]:
     """The byte-table rows whose kernel and constexprs the record has."""
     constexprs = record["constexprs"]
     return [
-        r for r in rows
+        r
+        for r in rows
         if r["kernel"] == record["kernel"] and all(int(constexprs.get(k, -1)) == v for k, v in r["variant"].items())
-    ]  # fmt: skip
+    ]
 
 
 def _expected(record, rows) -> set[float]:
@@ -96,9 +106,16 @@ def test_every_variant_compiles_for_every_target(records):
     assert len({len(v) for v in by_target.values()}) == 1  # the same variants for each target
     kernels = {r["kernel"] for r in records}
     assert kernels == {
-        "_probe_kernel", "_plain_step_kernel", "_search_point_kernel", "_commit_kernel", "_norm_kernel",
-        "_move_kernel", "_sums_kernel", "_update_kernel", "_point_kernel",
-    }  # fmt: skip
+        "_probe_kernel",
+        "_plain_step_kernel",
+        "_search_point_kernel",
+        "_commit_kernel",
+        "_norm_kernel",
+        "_move_kernel",
+        "_sums_kernel",
+        "_update_kernel",
+        "_point_kernel",
+    }
     dtypes = {_param_type(r) for r in records}
     assert dtypes == set(ELEMENT_BYTES)
 
@@ -137,6 +154,27 @@ def test_misaligned_parameters_still_compile_narrower(records):
     unhinted = [r for r in records if r["constexprs"].get("P_ALIGN") == 1]
     assert unhinted
     for r in unhinted:
-        assert 0 < r["bytes_128"], (r["kernel"], r["constexprs"])
+        assert r["bytes_128"] > 0, (r["kernel"], r["constexprs"])
         narrow = sum(n for key, n in r["global"].items() if re.fullmatch(r"(ld|st)\.(8|16|32|64)", key))
         assert narrow > 0, (r["kernel"], r["constexprs"])
+
+
+# the kernels that take a flat buffer's length ``n`` (one program per block of it)
+WHOLE_BUFFER = {"_probe_kernel", "_commit_kernel", "_norm_kernel", "_sums_kernel"}
+
+
+def test_whole_buffer_kernels_move_128_bits_at_any_length(records):
+    """keep_backup=False packs the flat buffers without padding, so their length is rarely a
+    multiple of 16 (the ``lean`` layout's is not). The kernels over a whole flat buffer still
+    read and write it 128 bits at a time: every block but the last runs unmasked, whatever the
+    length, and the bytes per element those accesses move equal the README's byte table."""
+    rows = _byte_table()
+    odd = [r for r in records if r["kernel"] in WHOLE_BUFFER and any(n % 16 for n in r["lengths"])]
+    assert {r["kernel"] for r in odd} == WHOLE_BUFFER
+    assert all("lean" in r["layouts"] for r in odd)
+    for r in odd:
+        assert all(aligned for _, aligned in r["pointers"].values()), r["pointers"]
+        expected = _expected(r, rows)
+        assert len(expected) == 1, (r["kernel"], r["constexprs"], expected)
+        assert r["bytes_128"] == expected.pop() > 0, (r["kernel"], r["arch"], r["constexprs"], r["pointers"])
+    assert len(odd) == sum(r["kernel"] in WHOLE_BUFFER for r in records)  # one variant serves every length

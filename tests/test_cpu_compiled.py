@@ -77,7 +77,10 @@ def test_a_closure_that_raises_in_a_trial_leaves_everything_as_it_was(compiled):
     model = mlp(torch.float64)
     opt = SaLSA(model.parameters(), init_step_size=50.0)  # (the first trials fail: the closure is called again)
     train(model, opt, 3, dtype=torch.float64)
-    before = [p.detach().clone() for p in model.parameters()], {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+    before = (
+        [p.detach().clone() for p in model.parameters()],
+        {k: v.clone() for k, v in opt.state[next(model.parameters())].items()},
+    )
     x = torch.randn(8, 64, dtype=torch.float64)
     calls = [0]
 

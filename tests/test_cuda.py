@@ -10,8 +10,7 @@ from conftest import cuda
 from helpers import advance_until, batches, digits, make_closure, max_abs_diff, mlp, poisoned, train
 from torch import nn
 
-from salsa_fast import LABPAL, SaLSA, SaLSAWarning
-from salsa_fast import testing
+from salsa_fast import LABPAL, SaLSA, SaLSAWarning, testing
 
 pytestmark = cuda
 
@@ -207,7 +206,7 @@ def test_triton_kernels_index_past_2_to_the_31():
     b = FlatBucket([p], 0, keep_second_moment=True)
     b.grad.fill_(1.0)
     h = Hyper(0.9, 0.999, 1e-8, "adam", False, StepState.at("cuda", 0.9, 0.999, bias_step=2.0))
-    triton_ops.plain_step(b, lr_step=0.5, decay=0.0, h=h)
+    triton_ops.plain_step(b, lr_step=0.5, decay=0.0, hyper=h)
     tail = p.detach()[-4099:].float()
     assert torch.all(tail < 0) and torch.allclose(tail, tail[0].expand_as(tail))
     assert float(b.exp_avg[-1]) == pytest.approx(0.1)

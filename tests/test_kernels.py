@@ -21,14 +21,14 @@ from salsa_fast.salsa_scalars import Writes
 from salsa_fast.step_state import StepState
 
 triton_ops = pytest.importorskip("salsa_fast.backends.triton_ops", reason="Triton is not installed")
-from salsa_fast.kernels import adam_step, search  # noqa: E402
+from salsa_fast.kernels import salsa_plain_step, salsa_search  # noqa: E402
 from salsa_fast.kernels.table import param_table  # noqa: E402
 
 
-def _bucket(dtype, direction="adam", seed=0, lean=False):
+def _bucket(dtype, direction="adam", seed=0, keep_backup=True):
     g = torch.Generator().manual_seed(seed)
     params = [nn.Parameter(torch.randn(s, generator=g).to(DEVICE, dtype)) for s in SHAPES]
-    b = FlatBucket(params, 0, keep_second_moment=direction == "adam", lean=lean)
+    b = FlatBucket(params, 0, keep_second_moment=direction == "adam", adams_memory=not keep_backup)
     fill_regions(b, b.grad, torch.randn(b.numel, generator=g).to(DEVICE))
     fill_regions(b, b.exp_avg, torch.randn(b.numel, generator=g).to(DEVICE) * 0.1)
     if b.exp_avg_sq is not None:
@@ -41,8 +41,8 @@ def _hyper(direction="adam", use_mv=False, k=7):
     return Hyper(b1, b2, 1e-8, direction, use_mv, StepState.at(DEVICE, b1, b2, bias_step=k + 1))
 
 
-def _pair(dtype, direction="adam", lean=False):
-    a = _bucket(dtype, direction, lean=lean)
+def _pair(dtype, direction="adam", keep_backup=True):
+    a = _bucket(dtype, direction, keep_backup=keep_backup)
     return a, copy.deepcopy(a)
 
 
@@ -58,11 +58,11 @@ VARIANTS = [("adam", False), ("adam", True), ("sgd", False), ("sgd", True)]
 def test_plain_step_on_a_lean_bucket(dtype):
     """keep_backup=False packs regions without padding: the table kernels drop the flat-offset
     alignment hint and stay right."""
-    a, b = _pair(dtype, lean=True)
+    a, b = _pair(dtype, keep_backup=False)
     assert param_table(a).f_align == 1 and a.numel == sum(p.numel() for p in a.params)
     h = _hyper()
-    triton_ops.plain_step(a, lr_step=0.03, decay=0.01, h=h)
-    torch_ops.plain_step(b, lr_step=0.03, decay=0.01, h=h)
+    triton_ops.plain_step(a, lr_step=0.03, decay=0.01, hyper=h)
+    torch_ops.plain_step(b, lr_step=0.03, decay=0.01, hyper=h)
     close_buckets(a, b, dtype)
 
 
@@ -72,8 +72,8 @@ def test_plain_step_on_a_lean_bucket(dtype):
 def test_plain_step(dtype, direction, use_mv, decay):
     a, b = _pair(dtype, direction)
     h = _hyper(direction, use_mv)
-    triton_ops.plain_step(a, lr_step=0.03, decay=decay, h=h)
-    torch_ops.plain_step(b, lr_step=0.03, decay=decay, h=h)
+    triton_ops.plain_step(a, lr_step=0.03, decay=decay, hyper=h)
+    torch_ops.plain_step(b, lr_step=0.03, decay=decay, hyper=h)
     close_buckets(a, b, dtype)
 
 
@@ -85,15 +85,15 @@ def test_plain_step_skips_on_the_device_flag(dtype, backend):
     a, b = _pair(dtype)
     h = _hyper()
     h.state.flag.fill_(1)
-    backend.plain_step(a, lr_step=0.03, decay=0.01, h=h, count_skip=True)
-    backend.plain_step(a, lr_step=0.03, decay=0.01, h=h, count_skip=False)
+    backend.plain_step(a, lr_step=0.03, decay=0.01, hyper=h, count_skip=True)
+    backend.plain_step(a, lr_step=0.03, decay=0.01, hyper=h, count_skip=False)
     assert torch.equal(param_values(a), param_values(b))
     for name in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(getattr(a, name), getattr(b, name))
     assert float(h.state.read_skipped()) == 1.0
     h.state.flag.zero_()
-    backend.plain_step(a, lr_step=0.03, decay=0.01, h=h, count_skip=True)
-    torch_ops.plain_step(b, lr_step=0.03, decay=0.01, h=h)
+    backend.plain_step(a, lr_step=0.03, decay=0.01, hyper=h, count_skip=True)
+    torch_ops.plain_step(b, lr_step=0.03, decay=0.01, hyper=h)
     close_buckets(a, b, dtype)
     assert float(h.state.read_skipped()) == 1.0
 
@@ -106,21 +106,21 @@ def test_search_passes(dtype, direction, use_mv):
     a, b = _pair(dtype, direction)
     h = _hyper(direction, use_mv)
     pre = param_values(a)
-    pp_a = triton_ops.search_begin(a, lr_step=0.5, decay=0.02, h=h)
-    pp_b = torch_ops.search_begin(b, lr_step=0.5, decay=0.02, h=h)
+    pp_a = triton_ops.backup_begin(a, lr_step=0.5, decay=0.02, hyper=h)
+    pp_b = torch_ops.backup_begin(b, lr_step=0.5, decay=0.02, hyper=h)
     assert torch.equal(a.backup, pre)
     assert_sums_close(pp_a, pp_b, _products(b), b.state_dtype)
     close_buckets(a, b, dtype)
     for lr in (0.4, 1e-3):
-        triton_ops.search_trial(a, lr_step=lr, decay=0.02, h=h)
-        torch_ops.search_trial(b, lr_step=lr, decay=0.02, h=h)
+        triton_ops.backup_trial(a, lr_step=lr, decay=0.02, hyper=h)
+        torch_ops.backup_trial(b, lr_step=lr, decay=0.02, hyper=h)
         close_buckets(a, b, dtype)
-    triton_ops.search_momentum_point(a, lr_step=0.2, decay=0.02, h=h)
-    torch_ops.search_momentum_point(b, lr_step=0.2, decay=0.02, h=h)
+    triton_ops.backup_momentum_point(a, lr_step=0.2, decay=0.02, hyper=h)
+    torch_ops.backup_momentum_point(b, lr_step=0.2, decay=0.02, hyper=h)
     close_buckets(a, b, dtype)
     m_before = a.exp_avg.clone()
-    triton_ops.search_commit(a, h=h)
-    torch_ops.search_commit(b, h=h)
+    triton_ops.search_commit(a, hyper=h)
+    torch_ops.search_commit(b, hyper=h)
     assert not torch.equal(a.exp_avg, m_before)
     close_buckets(a, b, dtype)
     assert not a.search_active
@@ -133,7 +133,7 @@ def test_lean_search_passes(dtype, direction, use_mv):
     the restore and the momentum point, each against the torch backend; the restore comes back
     to the start within a few ulps of the largest point visited (one rounding per move). The
     buckets are lean ones: packed without padding, so flat offsets are not 16-element aligned."""
-    a, b = _pair(dtype, direction, lean=True)
+    a, b = _pair(dtype, direction, keep_backup=False)
     assert param_table(a).f_align < 16
     h = _hyper(direction, use_mv)
     pre = param_values(a)
@@ -170,8 +170,8 @@ def test_search_abort_restores_exactly(dtype):
     before = {k: getattr(a, k).clone() for k in ("exp_avg", "exp_avg_sq")}
     before_p = [p.detach().clone() for p in a.params]
     h = _hyper()
-    triton_ops.search_begin(a, lr_step=0.5, decay=0.02, h=h)
-    triton_ops.search_trial(a, lr_step=0.1, decay=0.02, h=h)
+    triton_ops.backup_begin(a, lr_step=0.5, decay=0.02, hyper=h)
+    triton_ops.backup_trial(a, lr_step=0.1, decay=0.02, hyper=h)
     a.abort_search()
     for k, v in before.items():
         assert torch.equal(getattr(a, k), v)
@@ -214,9 +214,9 @@ def test_empty_bucket():
     p = nn.Parameter(torch.zeros(0, device=DEVICE))
     b = FlatBucket([p], 0, keep_second_moment=True)
     h = _hyper()
-    triton_ops.plain_step(b, lr_step=0.1, decay=0.0, h=h)
-    assert float(triton_ops.search_begin(b, lr_step=0.1, decay=0.0, h=h)) == 0.0
-    triton_ops.search_commit(b, h=h)
+    triton_ops.plain_step(b, lr_step=0.1, decay=0.0, hyper=h)
+    assert float(triton_ops.backup_begin(b, lr_step=0.1, decay=0.0, hyper=h)) == 0.0
+    triton_ops.search_commit(b, hyper=h)
 
 
 # -- the parameter table ---------------------------------------------------------------------------
@@ -272,17 +272,17 @@ def test_table_kernels_reach_every_parameter(dtype, special):
     strides = [p.stride() for p in a.params]
     h = _hyper()
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
-        ops.plain_step(bucket, lr_step=0.03, decay=0.01, h=h)
+        ops.plain_step(bucket, lr_step=0.03, decay=0.01, hyper=h)
     close_buckets(a, b, dtype)
     pre = param_values(a)
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
-        pp = ops.search_begin(bucket, lr_step=0.5, decay=0.02, h=h)
+        pp = ops.backup_begin(bucket, lr_step=0.5, decay=0.02, hyper=h)
         bucket.scratch["pp"] = pp
     assert torch.equal(a.backup, pre)
     assert_sums_close(a.scratch.pop("pp"), b.scratch.pop("pp"), _products(b), b.state_dtype)
     close_buckets(a, b, dtype)
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
-        ops.search_trial(bucket, lr_step=0.1, decay=0.02, h=h)
+        ops.backup_trial(bucket, lr_step=0.1, decay=0.02, hyper=h)
     close_buckets(a, b, dtype)
     a.abort_search()
     assert torch.equal(param_values(a), pre)
@@ -301,9 +301,10 @@ def test_lean_table_rows_of_several_blocks(dtype):
     sizes = [112 * 1024, 16 * 1024 + 1, 3]  # rows: 7 full, 1 full + 1 of one element, 1 short
 
     def bucket():
-        params = [nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype))
-                  for n in sizes]  # fmt: skip
-        return FlatBucket(params, 0, keep_second_moment=True, lean=True)
+        params = [
+            nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)) for n in sizes
+        ]
+        return FlatBucket(params, 0, keep_second_moment=True, adams_memory=True)
 
     a, b = bucket(), bucket()
     fill_regions(a, a.grad, torch.randn(a.numel, generator=g).to(DEVICE))
@@ -315,7 +316,7 @@ def test_lean_table_rows_of_several_blocks(dtype):
     assert table.chunks == sum(-(-n // (16 * 1024)) for n in sizes)
     h = _hyper()
     for ops, bk in ((triton_ops, a), (torch_ops, b)):
-        ops.plain_step(bk, lr_step=0.03, decay=0.01, h=h)
+        ops.plain_step(bk, lr_step=0.03, decay=0.01, hyper=h)
     close_buckets(a, b, dtype)
     lines = [MovingLine(triton_ops, [a], [h]), MovingLine(torch_ops, [b], [h])]
     pp = [float(line.begin(_point(0.2, 0.01))[0]) for line in lines]
@@ -364,9 +365,9 @@ def test_triton_backend_matches_torch_backend(dtype, steps, options, monkeypatch
 
         monkeypatch.setattr(kernel, "run", counted)
 
-    count(adam_step._plain_step_kernel, "plain")
-    count(search._search_point_kernel, "search")
-    count(search._commit_kernel, "commit")
+    count(salsa_plain_step._plain_step_kernel, "plain")
+    count(salsa_search._search_point_kernel, "search")
+    count(salsa_search._commit_kernel, "commit")
 
     a, b = mlp(dtype).to(DEVICE), mlp(dtype).to(DEVICE)
     opt_a = SaLSA(_groups(a), backend="triton", **options)

@@ -11,7 +11,16 @@ import warnings
 import pytest
 import torch
 from conftest import DEVICE, DTYPES, SHAPES, TOL
-from helpers import assert_sums_close, cancellation_atol, close_state, fill_regions, max_abs_diff, mlp, param_values, train
+from helpers import (
+    assert_sums_close,
+    cancellation_atol,
+    close_state,
+    fill_regions,
+    max_abs_diff,
+    mlp,
+    param_values,
+    train,
+)
 from torch import nn
 
 from salsa_fast import LABPAL, SaLSAWarning, testing
@@ -19,15 +28,15 @@ from salsa_fast.backends import torch_ops
 from salsa_fast.flat import FlatBucket
 
 triton_ops = pytest.importorskip("salsa_fast.backends.triton_ops", reason="Triton is not installed")
-from salsa_fast.kernels import labpal as labpal_kernels  # noqa: E402
+from salsa_fast.kernels import labpal_passes  # noqa: E402
 
 PASSES = [(1, 0.0), (3, 0.0), (1, 0.9), (3, 0.9)]  # (batches in the gradient sum, momentum)
 
 
-def _pair(dtype, count, seed=0, lean=False):
+def _pair(dtype, count, seed=0, keep_backup=True):
     g = torch.Generator().manual_seed(seed)
     params = [nn.Parameter(torch.randn(s, generator=g).to(DEVICE, dtype)) for s in SHAPES]
-    b = FlatBucket(params, 0, keep_second_moment=False, lean=lean)
+    b = FlatBucket(params, 0, keep_second_moment=False, adams_memory=not keep_backup)
     fill_regions(b, b.grad, torch.randn(b.numel, generator=g).to(DEVICE))
     fill_regions(b, b.exp_avg, torch.randn(b.numel, generator=g).to(DEVICE) * 0.1)
     b.workspace["acc"] = torch.zeros(b.numel, dtype=b.state_dtype, device=DEVICE)
@@ -77,11 +86,12 @@ def test_update(dtype, count, momentum, device_rate):
 def test_move_along_the_line_leaves_the_buffer(dtype, count):
     """LABPAL(keep_backup=False) moves with the update pass, ``write_buffer=False``: the momentum
     buffer stays, on a lean (packed) bucket as on any."""
-    a, b = _pair(dtype, count, lean=True)
+    a, b = _pair(dtype, count, keep_backup=False)
     buf = a.exp_avg.clone()
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
-        ops.labpal_update(bucket, _src(bucket, count), count=count, momentum=0.9, scale=0.3, coef=None, ok=None,
-                          write_buffer=False)  # fmt: skip
+        ops.labpal_update(
+            bucket, _src(bucket, count), count=count, momentum=0.9, scale=0.3, coef=None, ok=None, write_buffer=False
+        )
         assert torch.equal(bucket.exp_avg, buf)
     _close(a, b, dtype)
 
@@ -118,13 +128,17 @@ def test_line_points(dtype, count, momentum):
     theta0 = param_values(a)
     for ops, bucket in ((triton_ops, a), (torch_ops, b)):
         src = _src(bucket, count)
-        ops.labpal_point(bucket, src, count=count, momentum=momentum, scale=1.77e-4, save_backup=True, write_buffer=False)
+        ops.labpal_point(
+            bucket, src, count=count, momentum=momentum, scale=1.77e-4, save_backup=True, write_buffer=False
+        )
     assert torch.equal(a.backup, theta0) and torch.equal(b.backup, theta0)
     _close(a, b, dtype)
     for scale, write in ((0.01, False), (0.8, True)):
         for ops, bucket in ((triton_ops, a), (torch_ops, b)):
             src = _src(bucket, count)
-            ops.labpal_point(bucket, src, count=count, momentum=momentum, scale=scale, save_backup=False, write_buffer=write)
+            ops.labpal_point(
+                bucket, src, count=count, momentum=momentum, scale=scale, save_backup=False, write_buffer=write
+            )
         _close(a, b, dtype)
         assert torch.equal(a.backup, theta0)
 
@@ -156,7 +170,7 @@ def test_triton_backend_matches_torch_backend(dtype, options, monkeypatch):
     Triton launch per flat buffer."""
     launches = {"sums": 0, "update": 0, "point": 0}
     for key in launches:
-        kernel = getattr(labpal_kernels, f"_{key}_kernel")
+        kernel = getattr(labpal_passes, f"_{key}_kernel")
         run = kernel.run
 
         def counted(*args, _key=key, _run=run, **kwargs):
@@ -186,7 +200,17 @@ def test_triton_backend_matches_torch_backend(dtype, options, monkeypatch):
         ra = train(a, opt_a, calls, dtype=dtype)
     rb = train(b, opt_b, calls, dtype=dtype)
     assert ra.calls == rb.calls
-    counters = "calls updates measurements abandoned rejected rescaled accumulation forwards backwards".split()
+    counters = [
+        "calls",
+        "updates",
+        "measurements",
+        "abandoned",
+        "rejected",
+        "rescaled",
+        "accumulation",
+        "forwards",
+        "backwards",
+    ]
     assert [opt_a.stats[c] for c in counters] == [opt_b.stats[c] for c in counters]
     assert opt_a.stats["measurements"] - before["measurements"] >= 2
     assert opt_a.step_size == pytest.approx(opt_b.step_size, rel=1e-6 if dtype == torch.float64 else 1e-2)
@@ -214,6 +238,7 @@ def test_triton_backend_matches_torch_backend(dtype, options, monkeypatch):
         "point": len(points) + closing,  # the line's samples, the closing update
     }
     assert launches == {key: buckets * n for key, n in per_bucket.items()}  # one launch per bucket per pass
+
 
 def test_backend_choice_on_cpu(monkeypatch):
     model = mlp()

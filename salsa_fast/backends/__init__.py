@@ -53,50 +53,74 @@ class Backend(Protocol):
     name: str
 
     # -- SaLSA, every step
-    def probe(self, b: FlatBucket, h: Hyper, loss: torch.Tensor | None = None) -> None:
-        """Raise ``h.state.flag`` if a gradient of ``b`` (or ``loss``) is not finite."""
+    def probe(self, b: FlatBucket, hyper: Hyper, loss: torch.Tensor | None = None) -> None:
+        """Raise ``hyper.state.flag`` if a gradient of ``b`` (or ``loss``) is not finite."""
 
-    def plain_step(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper, count_skip: bool = False) -> None:
-        """An Adam (or SGD) step with the moments updated; nothing where ``h.state.flag`` is set
-        (``count_skip``: then count the skip in ``h.state``, once per device and step)."""
+    def plain_step(
+        self, b: FlatBucket, *, lr_step: float, decay: float, hyper: Hyper, count_skip: bool = False
+    ) -> None:
+        """An Adam (or SGD) step with the moments updated; nothing where ``hyper.state.flag`` is
+        set (``count_skip``: then count the skip in ``hyper.state``, once per device and step)."""
 
-    # -- SaLSA's search with a backup (keep_backup=True)
-    def search_begin(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> torch.Tensor:
+    # -- SaLSA's search with a backup (keep_backup=True; see salsa_fast.salsa_line.BackupLine)
+    def backup_begin(self, b: FlatBucket, *, lr_step: float, decay: float, hyper: Hyper) -> torch.Tensor:
         """Back up ``p``, build the search direction from the would-be moments, write the first
         point; returns ``sum(g * d)`` (0-dim). The moments are not written."""
 
-    def search_trial(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+    def backup_trial(self, b: FlatBucket, *, lr_step: float, decay: float, hyper: Hyper) -> None:
         """Write another point from the backup."""
 
-    def search_momentum_point(self, b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
+    def backup_momentum_point(self, b: FlatBucket, *, lr_step: float, decay: float, hyper: Hyper) -> None:
         """Write the point along the momentum direction (the search's fallback)."""
 
-    def search_commit(self, b: FlatBucket, *, h: Hyper) -> None:
-        """The search is decided: write the moments, end the search (``p`` stays)."""
-
     # -- SaLSA's search without a backup (keep_backup=False; see salsa_fast.salsa_line.MovingLine)
-    def lean_norm(self, b: FlatBucket, *, h: Hyper) -> torch.Tensor:
+    def moving_begin(self, b: FlatBucket, *, hyper: Hyper) -> torch.Tensor:
         """``sum(g * d)`` (0-dim); the parameters are not touched."""
 
-    def lean_move(self, b: FlatBucket, *, mode: int, momentum: bool, s: float, decay: float, h: Hyper) -> None:
+    def moving_move(self, b: FlatBucket, *, mode: int, momentum: bool, s: float, decay: float, hyper: Hyper) -> None:
         """One move of ``p`` along the search (``momentum``: the momentum) direction, ``mode``
         ``FIRST`` (from ``p0``), ``MOVE`` (along the line) or ``RESTORE`` (back to ``p0``)."""
 
+    # -- the end of either search
+    def search_commit(self, b: FlatBucket, *, hyper: Hyper) -> None:
+        """The search is decided: write the moments, end the search (``p`` stays)."""
+
     # -- LABPAL (``D = src / count + momentum * exp_avg``, rebuilt by every pass)
-    def labpal_sums(self, b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def labpal_sums(
+        self, b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(||D||^2, <d, D>)`` as 0-dim fp64 tensors."""
 
-    def labpal_update(self, b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float, scale: float,
-                      coef: torch.Tensor | None, ok: torch.Tensor | None, write_buffer: bool = True) -> None:  # fmt: skip
+    def labpal_update(
+        self,
+        b: FlatBucket,
+        src: torch.Tensor,
+        *,
+        count: int,
+        momentum: float,
+        scale: float,
+        coef: torch.Tensor | None,
+        ok: torch.Tensor | None,
+        write_buffer: bool = True,
+    ) -> None:
         """``p -= scale * coef * D``; the momentum buffer becomes ``D``; nothing where ``ok`` is False."""
 
-    def labpal_point(self, b: FlatBucket, src: torch.Tensor, *, count: int, momentum: float, scale: float,
-                     save_backup: bool, write_buffer: bool) -> None:  # fmt: skip
+    def labpal_point(
+        self,
+        b: FlatBucket,
+        src: torch.Tensor,
+        *,
+        count: int,
+        momentum: float,
+        scale: float,
+        save_backup: bool,
+        write_buffer: bool,
+    ) -> None:
         """``p = backup - scale * D`` (``save_backup``: first ``backup = p``)."""
 
 
 NAMES = ("auto", "triton", "torch")
-FIRST, MOVE, RESTORE = 0, 1, 2  # lean_move's modes: p = p*(1-decay) - s*d;  p -= s*d;  p = (p + s*d) / (1-decay)
+FIRST, MOVE, RESTORE = 0, 1, 2  # moving_move's modes: p = p*(1-decay) - s*d;  p -= s*d;  p = (p + s*d) / (1-decay)
 
 
 def _interpreting() -> bool:

@@ -36,10 +36,10 @@ MIN_ELEMENTS = 1 << 20
 _state = {"failed": False}
 
 
-def usable(b, h) -> bool:
+def usable(b, hyper) -> bool:
     """Whether bucket ``b``'s search runs compiled (see the module docstring)."""
     setting = os.environ.get("SALSA_FAST_CPU_COMPILE", "auto")
-    if setting == "0" or _state["failed"] or b.device.type != "cpu" or h.direction != "adam":
+    if setting == "0" or _state["failed"] or b.device.type != "cpu" or hyper.direction != "adam":
         return False
     if not (setting == "1" or b.numel >= MIN_ELEMENTS):
         return False
@@ -67,26 +67,42 @@ def run(fn, *args):
         _state["failed"] = True
         from ..checks import warn
 
-        warn(f"salsa_fast: compiling the CPU search passes failed ({type(e).__name__}: {e}); "
-             "using the eager torch ops from now on")
+        warn(
+            f"salsa_fast: compiling the CPU search passes failed ({type(e).__name__}: {e}); "
+            "using the eager torch ops from now on"
+        )
         return FAILED
 
 
-def numbers(b, h, lr_step: float = 0.0, decay: float = 0.0) -> torch.Tensor:
+def numbers(b, hyper, lr_step: float = 0.0, decay: float = 0.0) -> torch.Tensor:
     """The per-step numbers as one state-dtype tensor (not Python floats, which would compile a
     new loop for every value): ``-lr_step, 1 - decay, beta1, 1 - beta1, beta2, 1 - beta2, corr1,
     corr2``, each rounded once from its double value, as the eager ops round their scalars."""
-    host = torch.tensor([-lr_step, 1 - decay, h.beta1, 1 - h.beta1, h.beta2, 1 - h.beta2], dtype=torch.float64)
-    return torch.cat([host, torch.stack([h.state.corr1, h.state.corr2])]).to(b.state_dtype)
+    host = torch.tensor(
+        [-lr_step, 1 - decay, hyper.beta1, 1 - hyper.beta1, hyper.beta2, 1 - hyper.beta2], dtype=torch.float64
+    )
+    return torch.cat([host, torch.stack([hyper.state.corr1, hyper.state.corr2])]).to(b.state_dtype)
+
+
+# SaLSA's Adam arithmetic as the pure expressions a compiled loop needs (scalars as tensor
+# elements, no out= buffers): the eager ops' (torch_ops._first_moment and the rest) op for op.
+
+
+def _first_moment(m, g, k):
+    return m * k[2] + k[3] * g
+
+
+def _second_moment(v, g, k):
+    return v * k[4] + k[5] * g * g
 
 
 def _direction(g, v, m, k, eps: float, use_mv: bool):
     """Adam's direction from the step's would-be moments, as ``torch_ops._search_direction``
     (a bf16/fp16 gradient widened to the state dtype first)."""
     g = g.to(k.dtype)
-    denom = torch.sqrt((v * k[4] + k[5] * g * g) / k[7]) + eps
+    denom = torch.sqrt(_second_moment(v, g, k) / k[7]) + eps
     if use_mv:
-        return ((m * k[2] + k[3] * g) / k[6]) / denom
+        return (_first_moment(m, g, k) / k[6]) / denom
     return g / denom
 
 
@@ -116,5 +132,5 @@ def trial(ps, backups, gs, vs, ms, k, eps: float, use_mv: bool, decay: bool):
 def commit(g, m, v, k):
     """The moments, as ``torch_ops._commit_moments``."""
     g = g.to(k.dtype)
-    m.copy_(m * k[2] + k[3] * g)
-    v.copy_(v * k[4] + k[5] * g * g)
+    m.copy_(_first_moment(m, g, k))
+    v.copy_(_second_moment(v, g, k))

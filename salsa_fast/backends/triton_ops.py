@@ -10,51 +10,46 @@ from __future__ import annotations
 import torch
 
 from ..flat import FlatBucket
-from ..kernels import adam_step, labpal, lean_search, probe as probe_kernel, search
+from ..kernels import labpal_passes, salsa_moving_search, salsa_plain_step, salsa_search
+from ..kernels import probe as probe_kernel
 from ..kernels.reduce import finish
 from . import Hyper
 
 name = "triton"
 
-plain_step = adam_step.plain_step
+plain_step = salsa_plain_step.plain_step
 
 
-def probe(b: FlatBucket, h: Hyper, loss: torch.Tensor | None = None) -> None:
-    """Raise ``h.state.flag`` if a gradient of the bucket (or ``loss``) is not finite: one pass
-    over the gradient buffer, no sync."""
-    probe_kernel.probe(b.grad, h.state.flag, loss)
+def probe(b: FlatBucket, hyper: Hyper, loss: torch.Tensor | None = None) -> None:
+    """Raise ``hyper.state.flag`` if a gradient of the bucket (or ``loss``) is not finite: one
+    pass over the gradient buffer, no sync."""
+    probe_kernel.probe(b.grad, hyper.state.flag, loss)
 
 
-def search_begin(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> torch.Tensor:
+# the search with a backup (salsa_fast.salsa_line.BackupLine)
+def backup_begin(b: FlatBucket, *, lr_step: float, decay: float, hyper: Hyper) -> torch.Tensor:
     b.ensure_backup()
-    partials = search.first_pass(b, lr_step=lr_step, decay=decay, h=h)
+    partials = salsa_search.first_pass(b, lr_step=lr_step, decay=decay, hyper=hyper)
     # Only now is there a backup to go back to: a launch that raised wrote nothing, and marking
     # the search active before it would make the abort copy an unwritten backup over p.
     b.backup_written()
     return finish(partials)
 
 
-def search_trial(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
-    search.trial(b, lr_step=lr_step, decay=decay, h=h)
+backup_trial = salsa_search.trial
+backup_momentum_point = salsa_search.momentum_point
+
+# the search without a backup (salsa_fast.salsa_line.MovingLine decides the moves)
+moving_begin = salsa_moving_search.norm
+moving_move = salsa_moving_search.move
 
 
-def search_momentum_point(b: FlatBucket, *, lr_step: float, decay: float, h: Hyper) -> None:
-    search.momentum_point(b, lr_step=lr_step, decay=decay, h=h)
-
-
-def search_commit(b: FlatBucket, *, h: Hyper) -> None:
-    search.commit(b, h=h)
+def search_commit(b: FlatBucket, *, hyper: Hyper) -> None:
+    salsa_search.commit(b, hyper=hyper)
     b.end_search()
 
 
-# the search without a backup (salsa_fast.salsa_line.MovingLine decides the moves)
-lean_norm = lean_search.norm
-
-
-lean_move = lean_search.move
-
-
 # LABPAL's passes (see salsa_fast.backends.torch_ops for their contracts)
-labpal_sums = labpal.sums
-labpal_update = labpal.update
-labpal_point = labpal.point
+labpal_sums = labpal_passes.sums
+labpal_update = labpal_passes.update
+labpal_point = labpal_passes.point

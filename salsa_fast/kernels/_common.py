@@ -1,5 +1,5 @@
-"""Helpers shared by the kernel families: launch constants, scalar passing, IEEE math, SaLSA's
-Adam arithmetic."""
+"""Helpers shared by the kernel families: launch constants, scalar passing, full and partial
+blocks, IEEE math, SaLSA's Adam arithmetic."""
 
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ def split(x: float) -> tuple[float, float]:
     return hi, (x - hi if hi - hi == 0 else 0.0)
 
 
-def moment_args(h) -> tuple[float, ...]:
-    """The (high, low) pairs of SaLSA's moment constants, in the order the kernels take them:
-    beta1, 1 - beta1, beta2, 1 - beta2, eps. (The bias corrections are read on the device,
-    from ``h.state.pow1``/``pow2``.)"""
-    return (*split(h.beta1), *split(1 - h.beta1), *split(h.beta2), *split(1 - h.beta2), *split(h.eps))
+def adam_constants(hyper) -> tuple[tuple[float, float], ...]:
+    """SaLSA's moment constants as one kernel argument: the (high, low) pairs of beta1, 1 - beta1,
+    beta2, 1 - beta2 and eps, in that order (see :func:`moment_constants`). The bias corrections
+    are read on the device, from ``hyper.state.pow1``/``pow2``."""
+    b1, b2 = hyper.beta1, hyper.beta2
+    return split(b1), split(1 - b1), split(b2), split(1 - b2), split(hyper.eps)
 
 
 def on_device(t: torch.Tensor):
@@ -47,26 +48,25 @@ def on_device(t: torch.Tensor):
 
 
 @triton.jit
-def scalar(hi, lo, ST: tl.constexpr):
-    """Rebuild a host scalar in the math dtype ``ST`` from its (high, low) pair."""
-    return tl.cast(hi, ST) + tl.cast(lo, ST)
+def scalar(pair, ST: tl.constexpr):
+    """Rebuild a host scalar in the math dtype ``ST`` from its (high, low) pair (:func:`split`)."""
+    return tl.cast(pair[0], ST) + tl.cast(pair[1], ST)
 
 
 @triton.jit
-def moment_constants(b1_hi, b1_lo, omb1_hi, omb1_lo, b2_hi, b2_lo, omb2_hi, omb2_lo, eps_hi, eps_lo, pow1_ptr,
-                     pow2_ptr, ST: tl.constexpr):  # fmt: skip
-    """The moment constants ``mc`` in the math dtype ``ST``: beta1, 1 - beta1, beta2, 1 - beta2, the
-    two bias corrections (``1 - beta ** step`` from the step's device state, in fp64) and eps."""
-    b1, omb1 = scalar(b1_hi, b1_lo, ST), scalar(omb1_hi, omb1_lo, ST)
-    b2, omb2 = scalar(b2_hi, b2_lo, ST), scalar(omb2_hi, omb2_lo, ST)
+def moment_constants(adam, pow1_ptr, pow2_ptr, ST: tl.constexpr):
+    """The moment constants ``mc`` in the math dtype ``ST`` from :func:`adam_constants`: beta1,
+    1 - beta1, beta2, 1 - beta2, the two bias corrections (``1 - beta ** step`` from the step's
+    device state, in fp64) and eps."""
+    b1, omb1, b2, omb2 = scalar(adam[0], ST), scalar(adam[1], ST), scalar(adam[2], ST), scalar(adam[3], ST)
     c1, c2 = (1.0 - tl.load(pow1_ptr)).to(ST), (1.0 - tl.load(pow2_ptr)).to(ST)
-    return b1, omb1, b2, omb2, c1, c2, scalar(eps_hi, eps_lo, ST)
+    return b1, omb1, b2, omb2, c1, c2, scalar(adam[4], ST)
 
 
 @triton.jit
 def div(a, b, ST: tl.constexpr):
     """IEEE-rounded division (Triton's fp32 ``/`` is approximate)."""
-    if ST == tl.float64:
+    if ST == tl.float64:  # noqa: SIM300 (a constexpr parameter, not a constant)
         return a / b
     else:
         return tl.math.div_rn(a, b)
@@ -75,7 +75,7 @@ def div(a, b, ST: tl.constexpr):
 @triton.jit
 def sqrt(a, ST: tl.constexpr):
     """IEEE-rounded square root."""
-    if ST == tl.float64:
+    if ST == tl.float64:  # noqa: SIM300 (a constexpr parameter, not a constant)
         return tl.sqrt(a)
     else:
         return tl.math.sqrt_rn(a)
@@ -86,7 +86,7 @@ def rounded(x, DT: tl.constexpr):
     """``x`` rounded to the parameter dtype ``DT`` to nearest-even, as torch rounds. bf16 is
     rounded by hand: Triton's interpreter truncates fp32 -> bf16 (the GPU rounds), and one
     rounding rule everywhere keeps interpreter, GPU and torch backend in step."""
-    if DT == tl.bfloat16:
+    if DT == tl.bfloat16:  # noqa: SIM300 (a constexpr parameter, not a constant)
         bits = x.to(tl.uint32, bitcast=True)
         bits_rne = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         bits_rne = tl.where(x != x, (bits >> 16) | 0x40, bits_rne)  # a NaN stays a (quiet) NaN
@@ -96,11 +96,27 @@ def rounded(x, DT: tl.constexpr):
 
 
 @triton.jit
-def offsets(n, BLOCK: tl.constexpr):
-    """This program's int64 element offsets and their in-bounds mask."""
+def flat_block(n, BLOCK: tl.constexpr):
+    """This program's block of a flat buffer of ``n`` elements: (program id, int64 element
+    offsets, elements left from the block's start). Kernels that take ``n`` do not specialise on
+    it (``do_not_specialize``): every block but the last runs unmasked (:func:`run_chunk`) and
+    moves 128 bits at a time whatever ``n`` is, and one compiled variant serves every length."""
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    return pid, offs, offs < n
+    start = pid * BLOCK
+    return pid, start + tl.arange(0, BLOCK), n - start
+
+
+@triton.jit
+def run_chunk(chunk: tl.constexpr, left, BLOCK: tl.constexpr, args):
+    """``chunk(mask, *args)`` over one block with ``left`` elements from its start: with ``mask``
+    None (unmasked: the compiler emits 128-bit accesses) when the block is full, masked to its
+    first ``left`` lanes otherwise (a tail; nothing at all where ``left <= 0``). Every kernel's
+    chunk function takes the mask first and passes it to :func:`load` and :func:`store`. (The tail
+    comes first: the other order made ptxas spill 16 bytes in one variant of the plain step.)"""
+    if left < BLOCK:
+        return chunk(tl.arange(0, BLOCK) < left, *args)
+    else:
+        return chunk(None, *args)
 
 
 @triton.jit
@@ -136,10 +152,13 @@ def second_moment(v, g, b2, omb2):
 def direction(g, m_ptrs, v_ptrs, mask, mc, ST: tl.constexpr, MOMENTUM: tl.constexpr, ADAM: tl.constexpr):
     """``(d, m, v)``: the step's moments from the stored ones (read, not written; ``g`` where not
     computed) and its direction, ``mhat`` (MOMENTUM) or ``g``, divided by ``sqrt(vhat) + eps`` (ADAM).
-    SaLSA's Adam arithmetic lives here alone (the commit uses the moment helpers above), so that the
-    plain step, the search passes and the lean search agree with each other and track the torch
-    backend to the last bits: math in ``ST`` (fp32; fp64 for fp64 parameters) in torch's order of
-    operations, ``mhat / (sqrt(v / corr2) + eps)`` with IEEE-rounded divisions, not reciprocals."""
+    The kernels' Adam arithmetic lives here alone (the commit uses the moment helpers above), so that
+    the plain step and both searches' passes agree with each other and track the torch backend to the
+    last bits: math in ``ST`` (fp32; fp64 for fp64 parameters) in torch's order of operations,
+    ``mhat / (sqrt(v / corr2) + eps)`` with IEEE-rounded divisions, not reciprocals. It is necessarily
+    a twin of the torch backend's (``backends/torch_ops.py``, eager ops on whole buffers) and of the
+    compiled CPU loops' (``backends/cpu_compiled.py``): Triton code cannot call torch ops, nor the
+    reverse."""
     b1, omb1, b2, omb2, c1, c2, eps = mc
     d, m, v = g, g, g
     if MOMENTUM:

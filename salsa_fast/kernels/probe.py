@@ -12,18 +12,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, NUM_WARPS, grid, offsets, on_device
+from ._common import BLOCK, NUM_WARPS, flat_block, grid, load, on_device, run_chunk
 
 
 @triton.jit
+def _chunk_probe(mask, x_ptrs):
+    """1 if the chunk holds a NaN or an infinity, else 0."""
+    x = load(x_ptrs, mask).to(tl.float32)
+    return tl.max((x - x != 0).to(tl.int32), axis=0)  # x - x is NaN for NaN and for +-inf
+
+
+@triton.jit(do_not_specialize=["n"])  # (see _common.flat_block)
 def _probe_kernel(x_ptr, n, flag_ptr, loss_ptr, HAS_LOSS: tl.constexpr, BLOCK: tl.constexpr):
-    pid, offs, mask = offsets(n, BLOCK)
-    x = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.float32)
-    bad = tl.max((x - x != 0).to(tl.int32), axis=0)  # x - x is NaN for NaN and for +-inf
-    if HAS_LOSS:
-        if pid == 0:
-            loss = tl.load(loss_ptr)
-            bad = tl.maximum(bad, (loss - loss != 0).to(tl.int32))
+    pid, offs, left = flat_block(n, BLOCK)
+    bad = run_chunk(_chunk_probe, left, BLOCK, (x_ptr + offs,))
+    if HAS_LOSS and pid == 0:
+        loss = tl.load(loss_ptr)
+        bad = tl.maximum(bad, (loss - loss != 0).to(tl.int32))
     if bad != 0:
         tl.store(flag_ptr, 1.0)
 

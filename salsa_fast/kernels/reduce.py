@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 
-def partials_buffer(workspace: dict, programs: int, dtype: torch.dtype, device: torch.device,
-                    name: str = "partials") -> torch.Tensor:  # fmt: skip
+def partials_buffer(
+    workspace: dict, programs: int, dtype: torch.dtype, device: torch.device, name: str = "partials"
+) -> torch.Tensor:
     """The bucket's reusable buffer ``name`` of one partial sum per program."""
     buf = workspace.get(name)
     if buf is None or buf.numel() != programs or buf.dtype != dtype:

@@ -13,7 +13,7 @@ one parameter (a chunk never straddles two tensors), holding
 
 A full chunk runs unmasked; its offsets carry the alignment hints (``tl.multiple_of``) that let
 the compiler emit 128-bit loads and stores: flat offsets are multiples of 16 elements (regions
-start at 128-byte boundaries; in a lean bucket, packed without gaps, of what they happen to be),
+start at 128-byte boundaries; in a bucket without a backup, packed without gaps, of what they happen to be),
 parameter offsets are multiples of ``16 bytes / element size``
 when every parameter is 16-byte aligned (PyTorch allocates at 256 or more; a view at an odd
 offset may not be). When one is not, the whole bucket takes the unhinted variant. A parameter
@@ -21,11 +21,11 @@ whose elements are not one dense run of memory (a strided view made a parameter)
 copied into a contiguous tensor before a launch and back after a launch that writes it.
 
 The table is cached in ``bucket.workspace["table"]`` and rebuilt when a parameter moves
-(``FlatBucket.rebind`` drops it). It costs 24 bytes per row, kept on the device. A *lean* bucket
-(``keep_backup=False``, which promises Adam's memory) keeps none of it on the device: its rows
+(``FlatBucket.rebind`` drops it). It costs 24 bytes per row, kept on the device. A bucket of
+``keep_backup=False`` (which promises Adam's memory) keeps none of it on the device: its rows
 stay on the host, pinned, and are copied in for each launch without a sync; to keep that copy
-short each row covers up to ``LEAN_SUB`` blocks (a 2-D grid, one program per block; programs
-past a parameter's end do nothing).
+short each row covers up to ``HOST_ROW_BLOCKS`` blocks (a 2-D grid, one program per block;
+programs past a parameter's end do nothing).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ._common import BLOCK, on_device
 
 VECTOR_BYTES = 16  # one 128-bit access
 ROW = 3  # int64 entries per chunk: parameter offset, flat offset, length
-LEAN_SUB = 16  # most blocks per row in a lean bucket (keep_backup=False), see _blocks_per_row
+HOST_ROW_BLOCKS = 16  # most blocks per row of a table kept on the host (keep_backup=False), see _blocks_per_row
 
 
 @dataclass
@@ -51,10 +51,10 @@ class ParamTable:
     chunks: int  # rows
     sub: int  # programs per row, each one block of BLOCK elements (grid: (chunks, sub))
     p_align: int  # elements every parameter offset is a multiple of (1: no hint)
-    f_align: int  # elements every flat offset is a multiple of (16, less in a lean bucket)
+    f_align: int  # elements every flat offset is a multiple of (16, less with keep_backup=False)
     staged: list[tuple[torch.Tensor, torch.Tensor]]  # (parameter, its contiguous stand-in)
     device_rows: torch.Tensor | None  # (chunks, ROW) int64 on the bucket's device, kept; or
-    host_rows: torch.Tensor | bytearray | None  # in a lean bucket, kept off the device (pinned
+    host_rows: torch.Tensor | bytearray | None  # with keep_backup=False, kept off the device (pinned
     # on CUDA; plain bytes for CPU tensors), copied or viewed for each launch without a sync
 
     @property
@@ -102,7 +102,7 @@ def _build(b) -> ParamTable:
     if any((s - base.data_ptr()) % esize for s in starts):  # (never seen: element-misaligned views)
         raise RuntimeError("a parameter is not aligned to its element size; use backend='torch'")
     aligned = all(s % VECTOR_BYTES == 0 for s, t in zip(starts, targets) if t.numel())
-    sub = 1 if b.keep_work else _blocks_per_row([t.numel() for t in targets])
+    sub = _blocks_per_row([t.numel() for t in targets]) if b.adams_memory else 1
     span = sub * BLOCK
     rows = []
     for start, t, offset in zip(starts, targets, b.offsets):
@@ -112,7 +112,7 @@ def _build(b) -> ParamTable:
     p_align = max(1, VECTOR_BYTES // esize) if aligned else 1
     f_align = math.gcd(16, *(offset for offset, t in zip(b.offsets, targets) if t.numel()))
     rows_t = torch.tensor(rows or [(0, 0, 0)], dtype=torch.int64)
-    if b.keep_work:
+    if not b.adams_memory:
         return ParamTable(base, len(rows), sub, p_align, f_align, staged, rows_t.to(b.device), None)
     if b.device.type == "cpu":  # no tensor storage between steps: bytes, viewed per launch
         host = bytearray(rows_t.numpy().tobytes())
@@ -122,12 +122,12 @@ def _build(b) -> ParamTable:
 
 
 def _blocks_per_row(sizes: list[int]) -> int:
-    """Blocks per row for a lean bucket, whose rows are copied in for every launch: as many as
-    ``LEAN_SUB`` (a 16x shorter copy), as long as at most a quarter more programs run than
+    """Blocks per row of a table kept on the host, whose rows are copied in for every launch: as
+    many as ``HOST_ROW_BLOCKS`` (a 16x shorter copy), as long as at most a quarter more programs run than
     there are blocks (each parameter's last row may end early)."""
     blocks = [-(-n // BLOCK) for n in sizes]
     total = sum(blocks)
-    sub = LEAN_SUB
+    sub = HOST_ROW_BLOCKS
     while sub > 1 and sum(-(-k // sub) for k in blocks) * sub > 1.25 * total:
         sub //= 2
     return sub
