@@ -19,26 +19,23 @@ import math
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from . import backends
 from ._flat_optimizer import FlatOptimizer
 from .amp import ScalerLink
-from .checks import SaLSAWarning, check, is_int, is_real
+from .checks import SaLSAWarning, check, is_real
 from .closure import draw_seed
 from .distributed import agree_on_flag, agree_on_loss, agree_on_search, resolve_group
 from .flat import FlatBucket
 from .profiling import annotate
 from .salsa_armijo import FAST, MIN_LOSS, SLOW, backtrack, search_interval, split_lr
 from .salsa_line import BackupLine, MovingLine, Point
-from .salsa_scalars import Found, Scalars, Step, StepInfo, Writes
+from .salsa_scalars import GLOBAL_KEYS, Found, Scalars, Step, StepInfo, Writes, check_arguments, checked_betas
 from .step_state import DeviceSteps
 
 __all__ = ["SaLSA", "StepInfo", "SaLSAWarning"]
 
-# Keys that are properties of the whole search and cannot differ between param groups.
-_SEARCH_KEYS = ("init_step_size", "c", "momentum", "speed_up", "use_mv", "direction", "growth", "decrease", "eps")
-_SETUP_KEYS = ("max_backtracks", "max_interval", "backend", "process_group", "grad_scaler", "keep_backup")
-_GLOBAL_KEYS = frozenset(_SEARCH_KEYS + _SETUP_KEYS)
 _WARMUP_SEARCHES = 10  # steps 1..9 always search
 
 _NONFINITE = (
@@ -49,31 +46,6 @@ _NEGATIVE = (
     "the loss is negative: SaLSA's Armijo criterion assumes a loss bounded below (e.g. >= 0); "
     "the search goes on, but the step size may grow without bound"
 )
-
-
-def _checked_betas(momentum) -> tuple[float, float, float]:
-    """``momentum`` as ``(beta1, beta2, beta3)``, each in [0, 1), or a ``ValueError`` naming it."""
-    try:
-        betas = tuple(float(b) for b in momentum)
-    except (TypeError, ValueError):
-        betas = ()
-    check(len(betas) == 3, "momentum", momentum, "must be three floats (beta1, beta2, beta3)")
-    for i, beta in enumerate(betas, 1):
-        check(0.0 <= beta < 1.0, f"momentum (beta{i})", momentum, f"beta{i} must be in [0, 1)")
-    return betas
-
-
-def _check_arguments(init_step_size, c, weight_decay, direction, growth, decrease, eps, max_backtracks, max_interval):
-    """A ``ValueError`` naming the first of SaLSA's search arguments out of its range."""
-    check(is_real(init_step_size) and init_step_size > 0, "init_step_size", init_step_size, "must be > 0")
-    check(is_real(c) and c > 0, "c", c, "must be > 0")
-    check(is_real(eps) and eps > 0, "eps", eps, "must be > 0")
-    check(is_real(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0")
-    check(is_real(growth) and growth > 1 and math.isfinite(growth), "growth", growth, "must be > 1")
-    check(is_real(decrease) and 0 < decrease < 1, "decrease", decrease, "must be in (0, 1)")
-    check(is_int(max_backtracks) and max_backtracks >= 1, "max_backtracks", max_backtracks, "must be an int >= 1")
-    check(is_real(max_interval) and max_interval > 0, "max_interval", max_interval, "must be > 0")
-    check(direction in ("adam", "sgd"), "direction", direction, "must be 'adam' or 'sgd'")
 
 
 class SaLSA(FlatOptimizer):
@@ -118,13 +90,13 @@ class SaLSA(FlatOptimizer):
             trial point from it. ``False`` keeps no buffer beyond Adam's (gradients and the
             two moments): each trial is reached from the previous point and a failed or
             aborted search moves back the same way, exact to one rounding per element per
-            move. Same decisions in float64; see the README's memory section.
+            move. Same decisions in float64; see docs/memory.md.
     """
 
     name = "SaLSA"
     entry = "salsa"
     Scalars = Scalars
-    global_keys = _GLOBAL_KEYS
+    global_keys = GLOBAL_KEYS
     renamed_scalars = {"step": "steps"}  # (checkpoints of the previous release)
     per_group_hint = (
         "SaLSA finds one step size for all groups, so only 'lr' (a multiplier on the step size) and "
@@ -136,7 +108,7 @@ class SaLSA(FlatOptimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         init_step_size: float = 1.0,
         c: float = 0.5,
         momentum: tuple[float, float, float] = (0.9, 0.999, 0.9),
@@ -151,14 +123,12 @@ class SaLSA(FlatOptimizer):
         max_backtracks: int = 100,
         max_interval: float = 10,
         backend: str = "auto",
-        process_group=None,
-        grad_scaler=None,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         keep_backup: bool = True,
     ):
-        beta1, beta2, _ = self.betas = _checked_betas(momentum)
-        _check_arguments(
-            init_step_size, c, weight_decay, direction, growth, decrease, eps, max_backtracks, max_interval
-        )
+        beta1, beta2, _ = self.betas = checked_betas(momentum)
+        check_arguments(init_step_size, c, weight_decay, direction, growth, decrease, eps, max_backtracks, max_interval)
         resolve_group(process_group)  # a group without torch.distributed is a ValueError
 
         self.init_step_size = float(init_step_size)
@@ -302,10 +272,21 @@ class SaLSA(FlatOptimizer):
 
     @torch._disable_dynamo
     def step(self, closure=None):  # type: ignore[override]
-        """One SaLSA step; returns the loss of the gradient pass (what the closure returned).
+        """One SaLSA step: the gradient pass, then an Adam step or a line search. Under
+        ``torch.compile`` the step is one graph break and runs eagerly, closure calls too.
 
-        Under ``torch.compile`` the step is one graph break: it runs eagerly, and so do the
-        closure calls it makes (compile the model to compile every forward pass, trials too)."""
+        Args:
+            closure: called as ``closure(backwards=True)`` (forward and ``loss.backward()``) and
+                ``closure(backwards=False)`` (forward only, for each trial); returns the loss.
+
+        Returns:
+            What the closure returned in the gradient pass.
+
+        Raises:
+            TypeError: no closure, or one that cannot be called with ``backwards``.
+            ValueError: the closure's loss is not a scalar.
+            RuntimeError: ``step`` called from inside its own closure.
+        """
         if not self._begin_step(closure):
             return self._idle_step(closure)
         seed = draw_seed()

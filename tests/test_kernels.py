@@ -13,7 +13,7 @@ from conftest import DEVICE, DTYPES, SHAPES
 from helpers import assert_sums_close, close_buckets, digits, fill_regions, max_abs_diff, mlp, param_values, train
 from torch import nn
 
-from salsa_fast import SaLSA
+from salsa_fast import SaLSA, testing
 from salsa_fast.backends import Hyper, torch_ops
 from salsa_fast.flat import FlatBucket
 from salsa_fast.salsa_line import MovingLine, Point
@@ -372,14 +372,14 @@ def test_triton_backend_matches_torch_backend(dtype, steps, options, monkeypatch
     a, b = mlp(dtype).to(DEVICE), mlp(dtype).to(DEVICE)
     opt_a = SaLSA(_groups(a), backend="triton", **options)
     opt_b = SaLSA(_groups(b), backend="torch", **options)
-    assert opt_a._backend is triton_ops
+    assert testing.backend(opt_a) is triton_ops
     ra = train(a, opt_a, steps, dtype=dtype)
     rb = train(b, opt_b, steps, dtype=dtype)
     assert ra.calls == rb.calls
     tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.05}[dtype]
     assert max_abs_diff(a, b) <= tol
     stats = opt_a.stats
-    buckets = len(opt_a._buckets)
+    buckets = len(testing.buckets(opt_a))
     assert buckets == 2
     non_search = stats["steps"] - stats["searches"]
     assert launches["plain"] == buckets * non_search
@@ -403,6 +403,6 @@ def test_mixed_dtypes_get_one_launch_each():
     for _ in range(12):
         opt.zero_grad()
         opt.step(closure)
-    assert len(opt._buckets) == 2
+    assert len(testing.buckets(opt)) == 2
     with torch.no_grad():
         assert closure().item() < first
