@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-# Datasheet memory bandwidth (GB/s), so results transfer to the GPUs users have (the README's performance section).
+# Datasheet memory bandwidth (GB/s), so results transfer to the GPUs users have (docs/benchmarks.md).
 DATASHEET_GB_S = {
     "A40": 696,
     "A100-SXM4-80GB": 2039,

@@ -340,6 +340,36 @@ def plot(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def summary_plot(records: list[dict], path: str) -> None:
+    """Final training loss per task and optimizer (mean over seeds, standard-error bars), from the
+    saved records alone (they hold no curves): the picture README.md shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task_names = list(dict.fromkeys(r["task"] for r in records))
+    opt_names = [o for o in dict.fromkeys(r["optimizer"] for r in records) if o != "published_salsa"]
+    fig, axes = plt.subplots(1, len(task_names), figsize=(4.2 * len(task_names), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], task_names):
+        stats = [
+            mean_se([r["final_loss"] for r in records if r["task"] == t and r["optimizer"] == o]) for o in opt_names
+        ]
+        colors = [plt.cm.tab10(i % 10) for i in range(len(opt_names))]
+        ax.bar(range(len(opt_names)), [m for m, _ in stats], yerr=[se for _, se in stats], color=colors)
+        ax.set_xticks(range(len(opt_names)), opt_names, rotation=45, ha="right", fontsize=8)
+        ax.set(yscale="log", title=t, ylabel="final training loss" if t == task_names[0] else None)
+        ax.grid(axis="y", alpha=0.3)
+    env = records[0]
+    fig.suptitle(
+        f"Final training loss after {env['steps']} steps, lower is better ({env['device_name']}, torch {env['torch']})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _smooth(values: list[float], beta: float = 0.95) -> list[float]:
     out, avg = [], 0.0
     for i, v in enumerate(values):

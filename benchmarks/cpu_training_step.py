@@ -1,6 +1,7 @@
 """Whole training steps on CPU: SaLSA (salsa_fast) vs torch's Adam vs the published package.
-The README's numbers come from the committed run, benchmarks/results/cpu_training_step_mlp4m.json: after saving a new
-run's --json there, `python benchmarks/readme_tables.py` refreshes the README.
+The documentation's numbers come from the committed run,
+benchmarks/results/cpu_training_step_mlp4m.json: after saving a new run's --json there,
+`python benchmarks/readme_tables.py` refreshes the documentation.
 
 The workload of the core issue's speed target: a 4.3M-parameter MLP (64-2048-2048-10) on
 scikit-learn's digits, batch 128, 2 CPU threads. Every optimizer trains from the same weights on

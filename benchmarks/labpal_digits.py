@@ -1,6 +1,6 @@
 """LABPAL's modes on digits MLPs: does each train with the default hyperparameters?
-The README's numbers come from the committed run, benchmarks/results/labpal_digits_cpu.json: after saving a new
-run's --json there, `python benchmarks/readme_tables.py` refreshes the README.
+The documentation's numbers come from the committed run, benchmarks/results/labpal_digits_cpu.json: after saving a new
+run's --json there, `python benchmarks/readme_tables.py` refreshes the documentation.
 
 The issue's bar: batch 64, 1000 step calls, under half the initial full-batch loss, at most 1.3
 closure calls per step. Every (mode, model, seed) runs with the defaults; ``sgd_uncapped`` is

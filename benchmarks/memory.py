@@ -1,7 +1,7 @@
 """Memory between steps: Adam, SaLSA and SaLSA(keep_backup=False) (and SGD with momentum, LABPAL
 and LABPAL(keep_backup=False)); and what the lean mode costs in rounding.
-The README's numbers come from the committed run, benchmarks/results/memory_cpu.json: after saving a new
-run's --json there, `python benchmarks/readme_tables.py` refreshes the README.
+The documentation's numbers come from the committed run, benchmarks/results/memory_cpu.json: after saving a new
+run's --json there, `python benchmarks/readme_tables.py` refreshes the documentation.
 
 Memory: each optimizer trains a digits MLP (default 64-1024-1024-10, 1.13M parameters) from the
 same weights on the same batches; after the last step the script counts the bytes of every

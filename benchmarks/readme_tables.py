@@ -1,9 +1,10 @@
-"""The README's measured numbers, rendered from the committed results in ``benchmarks/results/``.
+"""The documentation's measured numbers and plots, rendered from the committed results in ``benchmarks/results/``.
 
-    python benchmarks/readme_tables.py            # rewrite README.md's result blocks in place
-    python benchmarks/readme_tables.py --check    # exit 1, printing a diff, where README.md differs
+    python benchmarks/readme_tables.py            # rewrite the result blocks and redraw the plots
+    python benchmarks/readme_tables.py --check    # exit 1, printing a diff, where a page differs
 
-Every number the README quotes from a benchmark run sits in a block between two markers,
+Every number README.md or a page of ``docs/`` quotes from a benchmark run sits in a block
+between two markers,
 
     <!-- results:NAME: rendered from benchmarks/results/FILE.json by benchmarks/readme_tables.py -->
     ...
@@ -12,17 +13,18 @@ Every number the README quotes from a benchmark run sits in a block between two 
 and this script writes what lies between them from FILE.json (the marker's indentation is the
 block's, so a block can sit inside a list item). ``BLOCKS`` below says, for each NAME, which
 results file it reads, which benchmark script writes that file, and how the block is rendered.
-A block in the README that ``BLOCKS`` does not know, a marker naming another file than
-``BLOCKS`` does, a results file that does not exist, or a ``BLOCKS`` entry with no block in the
-README is an error. Where the prose around a number states something that only holds for some
+A block that ``BLOCKS`` does not know, a marker naming another file than ``BLOCKS`` does, a
+results file that does not exist, or a ``BLOCKS`` entry with no block, or with a block on two
+pages, is an error. Where the prose around a number states something that only holds for some
 results ("invisible", "drifts by as much"), the renderer checks it and refuses to render a new
-run that contradicts it: rewrite that prose then. ``tests/test_readme_tables.py`` checks the
-README against the committed results.
+run that contradicts it: rewrite that prose then. The plots the pages show (``PLOTS``, drawn
+into ``docs/img/``) are redrawn from the same results by the benchmark scripts' own ``plot``
+functions. ``tests/test_readme_tables.py`` checks the pages against the committed results.
 
-After a new run of a benchmark whose committed JSON feeds the README, save its JSON over the
-one in ``benchmarks/results/`` and run this script. The README's kernel byte table (between
-``<!-- byte-table`` markers) is not a benchmark result and is left alone: ``tests/test_compile.py``
-checks it against the compiled kernels.
+After a new run of a benchmark whose committed JSON feeds the documentation, save its JSON over
+the one in ``benchmarks/results/`` and run this script. The kernel byte table (between
+``<!-- byte-table`` markers, in ``docs/how-it-is-fast.md``) is not a benchmark result and is left
+alone: ``tests/test_compile.py`` checks it against the compiled kernels.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from common import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+IMAGES = ROOT / "docs" / "img"
 WIDTH = 96  # the README's prose is wrapped at about this many characters
 OPEN = re.compile(
     r"^(?P<indent>[ \t]*)<!-- results:(?P<name>[\w-]+): rendered from (?P<source>\S+) "
@@ -142,7 +145,7 @@ def headline(records: list[dict]) -> Callable[[int], list[str]]:
     _premise(adam["device"] == "cpu", "the headline's measurement is on a CPU")
     return _prose(
         f"**Measured so far on a CPU only** ({fast['threads']} threads, a "
-        f"{fast['n_params'] / 1e6:.2f}M-parameter MLP on digits, [below](#how-it-is-fast)): over the first "
+        f"{fast['n_params'] / 1e6:.2f}M-parameter MLP on digits, [details](docs/how-it-is-fast.md)): over the first "
         f"{fast['steps']} steps of training, where SaLSA searches on most steps ({fast['closure_calls_per_step']:.2f} "
         f"closure calls per step), a whole training "
         f"step takes {fast['ratio_vs_adam']:.2f}x as long as with `torch.optim.Adam(foreach=True)`, and the "
@@ -337,6 +340,43 @@ BLOCKS = {
 }
 
 
+@dataclass(frozen=True)
+class Plot:
+    source: str  # the results file, relative to the repository root
+    script: str  # the benchmark that draws it, with ``function(records, path)``
+    function: str = "plot"
+    records: str | None = None  # the key of the records in the results file (None: it is the records)
+
+
+PLOTS = {  # drawn into docs/img/, shown by README.md and the docs
+    "convergence_cpu.png": Plot("benchmarks/results/convergence_cpu.json", "benchmarks/convergence.py", "summary_plot"),
+    "overhead_cpu.png": Plot("benchmarks/results/overhead_cpu.json", "benchmarks/overhead.py"),
+    "transformer_lm_cpu.png": Plot(
+        "benchmarks/results/transformer_lm_cpu.json", "benchmarks/transformer_lm.py", records="records"
+    ),
+}
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    """The pages that may hold result blocks: README.md and every page of docs/."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def draw_plots(root: Path = ROOT) -> list[Path]:
+    """Redraw every plot of ``PLOTS`` from its results file; the paths written."""
+    import importlib
+
+    written = []
+    for name, spec in PLOTS.items():
+        module = importlib.import_module(Path(spec.script).stem)  # (benchmarks/ is on sys.path)
+        path = root / "docs" / "img" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = json.loads((root / spec.source).read_text())
+        getattr(module, spec.function)(result[spec.records] if spec.records else result, str(path))
+        written.append(path)
+    return written
+
+
 def blocks(text: str) -> list[dict]:
     """The result blocks in ``text``: name, source, indentation and line span of their contents."""
     lines = text.split("\n")
@@ -345,30 +385,27 @@ def blocks(text: str) -> list[dict]:
         m = OPEN.match(lines[i])
         if m is None:
             if "<!-- results:" in lines[i] or "<!-- /results:" in lines[i]:
-                raise ValueError(f"README.md line {i + 1}: a results marker not in the form {OPEN.pattern!r}")
+                raise ValueError(f"line {i + 1}: a results marker not in the form {OPEN.pattern!r}")
             i += 1
             continue
         close = CLOSE.format(name=m["name"])
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == close), None)
         if end is None:
-            raise ValueError(f"README.md line {i + 1}: block {m['name']!r} has no {close}")
+            raise ValueError(f"line {i + 1}: block {m['name']!r} has no {close}")
         found.append({"name": m["name"], "source": m["source"], "indent": m["indent"], "start": i + 1, "end": end})
         i = end + 1
     return found
 
 
 def render(text: str, root: Path = ROOT) -> str:
-    """``text`` (the README) with every result block rendered from its results file."""
+    """``text`` (a page) with every result block rendered from its results file."""
     found = blocks(text)
     names = [b["name"] for b in found]
     for name in names:
         if name not in BLOCKS:
-            raise ValueError(f"README.md has a block {name!r} that benchmarks/readme_tables.py does not render")
+            raise ValueError(f"a page has a block {name!r} that benchmarks/readme_tables.py does not render")
         if names.count(name) > 1:
-            raise ValueError(f"README.md has block {name!r} twice")
-    missing = sorted(set(BLOCKS) - set(names))
-    if missing:
-        raise ValueError(f"README.md has no block for {missing}: restore it, or drop it from BLOCKS")
+            raise ValueError(f"a page has block {name!r} twice")
     lines = text.split("\n")
     for b in reversed(found):  # from the end, so that the earlier spans stay valid
         spec = BLOCKS[b["name"]]
@@ -382,32 +419,57 @@ def render(text: str, root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
+def render_documents(texts: dict[str, str], root: Path = ROOT) -> dict[str, str]:
+    """Every page rendered (``texts``: name -> text); each block of ``BLOCKS`` on exactly one page."""
+    rendered, where = {}, {}
+    for name, text in texts.items():
+        try:
+            rendered[name] = render(text, root)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
+        for b in blocks(text):
+            where.setdefault(b["name"], []).append(name)
+    missing = sorted(set(BLOCKS) - set(where))
+    if missing:
+        raise ValueError(f"no page has a block for {missing}: restore it, or drop it from BLOCKS")
+    twice = {block: pages for block, pages in where.items() if len(pages) > 1}
+    if twice:
+        raise ValueError(f"blocks on more than one page: {twice}")
+    return rendered
+
+
+def _diff(old: str, new: str, name: str) -> str:
+    lines = difflib.unified_diff(old.splitlines(True), new.splitlines(True), name, f"{name} (from results)")
+    return "".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 with a diff if README.md is stale")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 with a diff if a page is stale")
+    parser.add_argument("--readme", type=Path, help="render this one page alone (and draw no plots)")
     args = parser.parse_args(argv)
-    old = args.readme.read_text()
+    paths = [args.readme] if args.readme else documents()
+    old = {str(p): p.read_text() for p in paths}
     try:
-        new = render(old)
+        new = {str(args.readme): render(old[str(args.readme)])} if args.readme else render_documents(old)
     except ValueError as e:
         print(f"readme_tables.py: {e}", file=sys.stderr)
         return 2
+    stale = [name for name in old if new[name] != old[name]]
     if args.check:
-        if new == old:
-            return 0
-        sys.stdout.writelines(
-            difflib.unified_diff(
-                old.splitlines(keepends=True), new.splitlines(keepends=True), "README.md", "README.md (from results)"
-            )
-        )
-        print("README.md differs from benchmarks/results/: run python benchmarks/readme_tables.py", file=sys.stderr)
-        return 1
-    if new != old:
-        args.readme.write_text(new)
-        print(f"rewrote {len(blocks(new))} result blocks in {args.readme}")
-    else:
-        print(f"{args.readme} is up to date")
+        missing = [name for name in PLOTS if not (IMAGES / name).is_file()]
+        sys.stdout.writelines(_diff(old[name], new[name], name) for name in stale)
+        for name in stale:
+            print(f"{name} differs from benchmarks/results/: run python benchmarks/readme_tables.py", file=sys.stderr)
+        for name in [] if args.readme else missing:
+            print(f"docs/img/{name} is missing: run python benchmarks/readme_tables.py", file=sys.stderr)
+        return 1 if stale or (missing and not args.readme) else 0
+    for name in stale:
+        Path(name).write_text(new[name])
+        print(f"rewrote the result blocks of {name}")
+    if not args.readme:
+        for path in draw_plots():
+            print(f"drew {path.relative_to(ROOT)}")
     return 0
 
 

@@ -329,6 +329,9 @@ class FlatOptimizer(StateDictMixin, Optimizer):
         autograd then accumulates into them in place. (Until the first step after the optimizer
         was built, gradients are autograd's own and are set to None.) Inside a closure the line
         search calls again this does nothing, so the search keeps the gradient it uses.
+
+        Args:
+            set_to_none: ignored (accepted for torch's signature).
         """
         if self._in_search:
             return
@@ -345,7 +348,14 @@ class FlatOptimizer(StateDictMixin, Optimizer):
         A forward pass in train mode updates BatchNorm's running statistics (and any other
         buffer a forward pass writes). With the modules registered here, their buffers are
         snapshotted before the search's extra forward passes and restored after each, so a
-        step updates them exactly once."""
+        step updates them exactly once.
+
+        Args:
+            *modules: the modules (a whole model is fine) whose buffers to keep.
+
+        Raises:
+            TypeError: something that is not an ``nn.Module``.
+        """
         for module in modules:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"preserve_buffers takes nn.Modules, got {type(module).__name__}")

@@ -52,6 +52,13 @@ class StateDictMixin:
         Everything is checked before anything changes (a bad checkpoint leaves the optimizer as
         it was). Tensors may come from another device (a GPU checkpoint loads on CPU) and are
         cast to the optimizer's state dtype.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned (also of the previous release's layout).
+
+        Raises:
+            ValueError: the checkpoint is not this optimizer's, its state has the wrong shape, or
+                a scalar is out of range (naming the entry).
         """
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():

@@ -73,7 +73,7 @@ class LABPAL(Measuring, FlatOptimizer):
             point along ``D`` and back, one rounding per element per move (as SaLSA's).
         cap_sgd_updates: ``mode="sgd"`` only: no update is longer than the step in use, i.e.
             the rate applied is ``min(learning_rate, step_size / ||D||)``. ``False`` gives the
-            reference's uncapped updates, which diverge on small MLPs (see the README).
+            reference's uncapped updates, which diverge on small MLPs (see docs/labpal.md).
         process_group: the ranks that must take the same decisions (default: the world, when
             torch.distributed is initialised): the line's losses are averaged over them and the
             direction's norm and slope summed over FSDP2 shards, as SaLSA's.
@@ -91,7 +91,7 @@ class LABPAL(Measuring, FlatOptimizer):
     reason and the argument that changes it (``trusted_norm``, ``sample_step``, ``max_step_size``).
 
     The defects of the authors' implementation fixed here are listed, each with its test, in
-    the README's LABPAL section.
+    docs/labpal.md.
     """
 
     name = "LABPAL"
@@ -234,6 +234,7 @@ class LABPAL(Measuring, FlatOptimizer):
 
     @property
     def measuring(self) -> bool:
+        """Whether a measurement is under way (the next calls re-evaluate its line)."""
         return self._scalars.measuring
 
     def _fold_pending_skips(self) -> None:
@@ -277,7 +278,19 @@ class LABPAL(Measuring, FlatOptimizer):
     # -- the step --------------------------------------------------------------------------------
     @torch._disable_dynamo  # (under torch.compile: one graph break, as SaLSA's step)
     def step(self, closure=None):  # type: ignore[override]
-        """One inference batch: a training call or a measurement call. Returns its loss."""
+        """One inference batch: a training call or a measurement call.
+
+        Args:
+            closure: called as ``closure(backwards=True)`` or ``closure(backwards=False)``, as for
+                SaLSA; it must hold on to its own batch (a measurement calls it again later).
+
+        Returns:
+            What the closure returned.
+
+        Raises:
+            TypeError: no closure, or one that cannot be called with ``backwards``.
+            ValueError: the closure's loss is not a scalar.
+        """
         if not self._begin_step(closure):
             return self._idle_step(closure)
         # what the schedule may change before the closure runs (the list is only ever replaced)

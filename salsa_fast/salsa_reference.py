@@ -1,7 +1,7 @@
 """SaLSA, restated plainly: one loop over parameters, one formula per line.
 
 This is the ground truth the fast optimizer (:class:`salsa_fast.SaLSA`) is tested against. It is
-written to be read next to the algorithm as the README states it, not to be fast: per-parameter
+written to be read next to the algorithm as docs/salsa.md states it, not to be fast: per-parameter
 tensors, a copy of every parameter per search, a host read wherever a number is needed.
 
 Same arguments, defaults, closure contract and random seeding as :class:`salsa_fast.SaLSA`

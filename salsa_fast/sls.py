@@ -9,7 +9,21 @@ __all__ = ["SLS"]
 
 class SLS(SaLSA):
     """Plain Armijo line search every step (the paper's "SLS" baseline): SaLSA with ``beta3 = 0``
-    and ``speed_up=False``. Takes SaLSA's arguments except ``momentum``/``speed_up``."""
+    and ``speed_up=False``.
+
+    Args:
+        params: parameters or param-group dicts, as for :class:`SaLSA`.
+        init_step_size: the first step size tried.
+        c: the sufficient-decrease constant of the Armijo criterion.
+        betas: Adam's ``(beta1, beta2)``; the criterion is not smoothed.
+        use_mv: trial steps along the bias-corrected momentum instead of the gradient.
+        weight_decay: decoupled weight decay, as for :class:`SaLSA`.
+        **kwargs: SaLSA's keyword-only arguments (``direction``, ``growth``, ``backend``, ...).
+
+    Raises:
+        TypeError: ``momentum`` or ``speed_up`` is given (SLS fixes them; use SaLSA to choose).
+        ValueError: an argument out of its range, as for :class:`SaLSA`.
+    """
 
     def __init__(
         self,

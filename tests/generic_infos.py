@@ -3,7 +3,7 @@ what lets one test body of ``test_torch_generic.py`` drive all three: closures f
 contracts, the split of an option set into constructor and param-group arguments, the test
 problems.
 
-The option sets are the infos' ``optim_inputs_func``; the bad hyperparameters of the README's
+The option sets are the infos' ``optim_inputs_func``; the bad hyperparameters of docs/salsa.md's
 "Bad input" are their ``optim_error_inputs_func`` (``ValueError`` naming the argument), together
 with torch's inputs for every optimizer (``get_error_inputs_for_all_optims``), two of them adapted
 to documented differences (see ``shared_error_inputs``).

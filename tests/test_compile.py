@@ -1,7 +1,7 @@
 """Every kernel variant the backends launch compiles for real GPUs and moves the bytes it was
 designed for, checked without a GPU: ``tests/compile_kernels.py`` compiles each variant for
 sm_80, sm_86 (A40) and sm_90 (H100) with Triton's bundled ptxas; the PTX and ptxas's report are
-checked against the README's byte table."""
+checked against the byte table of docs/how-it-is-fast.md."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton")
 
 HERE = os.path.dirname(__file__)
-README = os.path.join(HERE, os.pardir, "README.md")
+BYTE_TABLE = os.path.join(HERE, os.pardir, "docs", "how-it-is-fast.md")
 ARCHS = (80, 86, 90)
 ELEMENT_BYTES = {"*fp32": 4, "*fp64": 8, "*bf16": 2, "*fp16": 2}
 # ptxas keeps a stack slot of a few bytes in a handful of variants (those with two code paths
@@ -38,8 +38,8 @@ def records() -> list[dict]:
 
 
 def _byte_table() -> list[dict]:
-    """The README's byte table: kernel, constexpr filter, bytes for fp32 and bf16 parameters."""
-    with open(README) as f:
+    """The byte table (docs/how-it-is-fast.md): kernel, constexpr filter, bytes for fp32 and bf16 parameters."""
+    with open(BYTE_TABLE) as f:
         text = f.read()
     table = text[text.index("<!-- byte-table") : text.index("<!-- /byte-table -->")]
     rows = []
@@ -128,9 +128,9 @@ def test_no_local_memory(records):
     assert not heavy, heavy[:3]
 
 
-def test_bytes_per_element_match_the_readme(records):
+def test_bytes_per_element_match_the_byte_table(records):
     """In each fully aligned variant every stream is read and written 128 bits at a time, and
-    the bytes per element those accesses move equal the README's byte table (which names every
+    the bytes per element those accesses move equal the byte table of docs/how-it-is-fast.md (which names every
     kernel, and whose every row is met by some variant)."""
     rows = _byte_table()
     assert {r["kernel"] for r in rows} == {r["kernel"] for r in records}
@@ -167,7 +167,7 @@ def test_whole_buffer_kernels_move_128_bits_at_any_length(records):
     """keep_backup=False packs the flat buffers without padding, so their length is rarely a
     multiple of 16 (the ``lean`` layout's is not). The kernels over a whole flat buffer still
     read and write it 128 bits at a time: every block but the last runs unmasked, whatever the
-    length, and the bytes per element those accesses move equal the README's byte table."""
+    length, and the bytes per element those accesses move equal the byte table of docs/how-it-is-fast.md."""
     rows = _byte_table()
     odd = [r for r in records if r["kernel"] in WHOLE_BUFFER and any(n % 16 for n in r["lengths"])]
     assert {r["kernel"] for r in odd} == WHOLE_BUFFER

@@ -110,7 +110,7 @@ def test_fsdp2_sharded_parameters(tmp_path, name):
 
 
 def test_torchrun_example(tmp_path):
-    """examples/ddp_digits.py, launched as the README says (torchrun, two CPU processes)."""
+    """examples/ddp_digits.py, launched as docs/distributed.md says (torchrun, two CPU processes)."""
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "ddp_digits.py")
     done = torchrun(example, "--steps", "30", cwd=tmp_path)
     assert "ranks hold identical parameters: True" in done.stdout

@@ -71,7 +71,7 @@ def test_a_float32_loss_the_reference_points_cannot_resolve_trains():
 
 
 def test_bf16_autocast_forward_with_fp32_parameters_trains():
-    """The README's remedy for bf16: fp32 parameters, the forward autocast to bf16. The first
+    """The remedy for bf16 docs/labpal.md gives: fp32 parameters, the forward autocast to bf16. The first
     sample (1.77e-4 in all over 2,500 weights) is far below a bf16 weight's resolution: the loss
     hardly moves, and every fit was rejected."""
     model = mlp()

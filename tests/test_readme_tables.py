@@ -1,12 +1,15 @@
-"""The README's measured numbers are those of the committed results (``benchmarks/results/``):
-``benchmarks/readme_tables.py`` renders every result block from its JSON, and the README must
-hold exactly that. No benchmark runs here; after a new run, ``python benchmarks/readme_tables.py``
-rewrites the blocks."""
+"""The documentation's measured numbers are those of the committed results
+(``benchmarks/results/``): ``benchmarks/readme_tables.py`` renders every result block of README.md
+and docs/ from its JSON, and the pages must hold exactly that; it draws the plots they show from
+the same results. No benchmark runs here; after a new run, ``python benchmarks/readme_tables.py``
+rewrites the blocks and redraws the plots."""
 
 import ast
 import json
 import os
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,29 +17,45 @@ ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import readme_tables as rt  # noqa: E402
 
-README = os.path.join(ROOT, "README.md")
+
+@pytest.fixture(scope="module")
+def pages() -> dict[str, str]:
+    return {str(path): path.read_text() for path in rt.documents()}
 
 
 @pytest.fixture(scope="module")
-def readme() -> str:
-    with open(README) as f:
-        return f.read()
+def readme(pages) -> str:
+    """All pages as one text (blocks do not span pages)."""
+    return "\n".join(pages.values())
 
 
-def test_readme_matches_the_committed_results(readme):
-    rendered = rt.render(readme)
-    if rendered != readme:
-        import difflib
+def _page_with(pages: dict[str, str], needle: str) -> tuple[str, str]:
+    return next((name, text) for name, text in pages.items() if needle in text)
 
-        diff = "".join(
-            difflib.unified_diff(readme.splitlines(True), rendered.splitlines(True), "README.md", "rendered")
-        )
-        pytest.fail(f"README.md differs from benchmarks/results/; run python benchmarks/readme_tables.py\n{diff}")
+
+def test_every_page_matches_the_committed_results(pages):
+    rendered = rt.render_documents(pages)
+    for name, text in pages.items():
+        if rendered[name] != text:
+            import difflib
+
+            diff = "".join(
+                difflib.unified_diff(text.splitlines(True), rendered[name].splitlines(True), name, "rendered")
+            )
+            pytest.fail(f"{name} differs from benchmarks/results/; run python benchmarks/readme_tables.py\n{diff}")
+
+
+def test_every_plot_a_page_shows_is_drawn_from_results(pages):
+    shown = {m for text in pages.values() for m in re.findall(r"\]\((?:docs/)?img/([\w.-]+\.png)\)", text)}
+    assert shown and shown == set(rt.PLOTS), "the plots the pages show and PLOTS disagree"
+    for name, spec in rt.PLOTS.items():
+        assert (Path(ROOT) / "docs" / "img" / name).is_file(), name
+        assert (Path(ROOT) / spec.source).is_file() and (Path(ROOT) / spec.script).is_file(), name
 
 
 def test_every_block_names_an_existing_results_file_that_is_rendered(readme):
     blocks = rt.blocks(readme)
-    assert {b["name"] for b in blocks} == set(rt.BLOCKS), "a README block and BLOCKS disagree"
+    assert {b["name"] for b in blocks} == set(rt.BLOCKS), "the pages' blocks and BLOCKS disagree"
     for b in blocks:
         spec = rt.BLOCKS[b["name"]]
         assert b["source"] == spec.source, b
@@ -59,7 +78,7 @@ def test_the_byte_table_is_not_a_results_block(readme):
         assert not (start <= readme.index(marker) <= end), b["name"]
 
 
-def test_each_script_writing_a_readme_result_says_how_to_refresh_it():
+def test_each_script_writing_a_result_says_how_to_refresh_it():
     """The first paragraph of the docstring is the script's --help description."""
     for spec in rt.BLOCKS.values():
         with open(os.path.join(ROOT, spec.script)) as f:
@@ -69,7 +88,7 @@ def test_each_script_writing_a_readme_result_says_how_to_refresh_it():
         assert spec.source.removeprefix("benchmarks/") in description, spec.script
 
 
-def test_a_stale_readme_fails_the_check_with_a_diff(readme, tmp_path, capsys):
+def test_a_stale_page_fails_the_check_with_a_diff(readme, tmp_path, capsys):
     row = next(line for line in readme.split("\n") if line.startswith("| `salsa_fast.SaLSA` |"))
     cells = row.split(" | ")
     damaged = " | ".join([*cells[:2], "9.99x", *cells[3:]])  # (its ratio to Adam)
@@ -103,7 +122,13 @@ def test_a_block_that_does_not_match_a_results_file_is_an_error(readme, damage):
         text = "\n".join(lines[: b["start"] - 1] + lines[b["end"] + 1 :])
     assert text != readme
     with pytest.raises(ValueError):
-        rt.render(text)
+        rt.render_documents({"the pages": text})
+
+
+def test_a_block_on_two_pages_is_an_error(pages):
+    name, text = _page_with(pages, "<!-- results:headline:")
+    with pytest.raises(ValueError, match="more than one page"):
+        rt.render_documents({**pages, "copy.md": text})
 
 
 def test_prose_that_a_new_result_contradicts_is_refused():

@@ -1,4 +1,4 @@
-"""What SaLSA is handed, answered as the README's "Bad input" paragraph says: closures of the
+"""What SaLSA is handed, answered as docs/salsa.md's "Bad input" paragraph says: closures of the
 wrong shape, bad hyperparameters, non-finite losses and gradients, sparse gradients, several
 dtypes, backends that cannot run. A clear exception naming the argument, or a documented
 recovery; never a silent wrong result, never corrupted parameters. (What SaLSA and LABPAL

@@ -74,7 +74,7 @@ Not ported, and why:
   ``test_momentum`` (error inputs), ``test_no_gradients``, ``test_sparse_not_supported``,
   ``test_complex_not_supported``.
 
-Documented differences the port encodes (README):
+Documented differences the port encodes (docs/differences.md):
 
 - a parameter listed twice is a ``ValueError`` where torch warns; ``lr`` is no constructor argument,
   only a param group's multiplier, and a tensor ``lr`` is refused there (``ValueError``);

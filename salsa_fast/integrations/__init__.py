@@ -7,7 +7,15 @@
 
 def log_values(optimizer) -> dict[str, float]:
     """What the integrations log after a step: the step size (and the length of the updates, a
-    schedule's ``lr`` times it) and the search statistics."""
+    schedule's ``lr`` times it) and the search statistics.
+
+    Args:
+        optimizer: a :class:`~salsa_fast.SaLSA` (or SLS) that has stepped.
+
+    Returns:
+        ``step_size``, ``effective_step_size``, ``search_interval``, ``searched_fraction`` (searches
+        per step), ``forwards_per_step`` (closure calls per step) and ``skipped_steps``.
+    """
     stats = optimizer.stats
     steps = max(1, stats["steps"])
     return {

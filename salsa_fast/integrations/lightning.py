@@ -28,7 +28,7 @@ reducer, so the gradient is all-reduced once per step; the search's trial forwar
 same ``training_step`` under ``no_grad``, past the DDP wrapper, and its reducer never sees them
 (they need no ``find_unused_parameters``). SaLSA averages the losses it decides on over the
 ranks, so every rank takes the same decisions and keeps identical parameters. Keep DDP's default
-``gradient_as_bucket_view=False`` (see the README). ``train_loss`` is each rank's own loss
+``gradient_as_bucket_view=False`` (see docs/integrations.md). ``train_loss`` is each rank's own loss
 (rank 0's reaches the loggers), as Lightning logs without ``sync_dist``.
 
 Resuming (``fit(..., ckpt_path=...)``) restores SaLSA's state with Lightning's loop position

@@ -59,7 +59,20 @@ class _TrainerSaLSA(SaLSA):
 
 
 class SaLSATrainer(Trainer):
-    """A ``transformers.Trainer`` that trains with SaLSA. See the module docstring."""
+    """A ``transformers.Trainer`` that trains with SaLSA (what it changes: the module docstring).
+
+    Args:
+        *args: the ``Trainer``'s positional arguments.
+        salsa_kwargs: passed to :class:`~salsa_fast.SaLSA` (default: its defaults).
+        schedule_multiplier: apply the Trainer's ``lr_scheduler_type`` and warm-up to SaLSA's
+            per-group ``lr`` multiplier (default ``False``: a constant 1.0, the search alone sets
+            the step size).
+        **kwargs: the ``Trainer``'s keyword arguments (``model``, ``args``, ``train_dataset``, ...).
+
+    Raises:
+        ValueError: ``args.fp16`` is set (accelerate's GradScaler cannot drive a closure
+            optimizer; use ``bf16=True``, or ``SaLSA(grad_scaler=...)`` in a loop of your own).
+    """
 
     def __init__(self, *args, salsa_kwargs: dict[str, Any] | None = None, schedule_multiplier: bool = False, **kwargs):
         self.salsa_kwargs = dict(salsa_kwargs or {})
