@@ -324,7 +324,7 @@ def read_json(path: str):
 
 def step_headline(records: list[dict]) -> dict:
     """The non-search step over Adam(fused) from 1e7, and GB/s against the copy from 1e8 (the
-    README's targets); on a run of smaller sizes (CPU, --quick), every size."""
+    project's performance targets); on a run of smaller sizes (CPU, --quick), every size."""
     salsa = "salsa_fast_triton" if any(r["optimizer"] == "salsa_fast_triton" for r in records) else "salsa_fast_torch"
     sizes = sorted({r["n_params"] for r in records})
 

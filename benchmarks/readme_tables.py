@@ -46,9 +46,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 IMAGES = ROOT / "docs" / "img"
-WIDTH = 96  # the README's prose is wrapped at about this many characters
+WIDTH = 96  # the pages' prose is wrapped at about this many characters
 OPEN = re.compile(
     r"^(?P<indent>[ \t]*)<!-- results:(?P<name>[\w-]+): rendered from (?P<source>\S+) "
     r"by benchmarks/readme_tables\.py -->[ \t]*$"
@@ -58,7 +57,7 @@ WORDS = dict(enumerate(["zero", "one", "two", "three", "four", "five", "six", "s
 
 
 class ProseMismatch(ValueError):
-    """A new result contradicts what the README's prose around it says: rewrite the prose."""
+    """A new result contradicts what the prose around it says: rewrite the prose."""
 
 
 def _premise(ok: bool, what: str) -> None:
@@ -71,7 +70,7 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def _prose(*paragraphs: str) -> Callable[[int], list[str]]:
-    """Paragraphs to wrap at the README's width less the block's indentation (known only later)."""
+    """Paragraphs to wrap at the pages' width less the block's indentation (known only later)."""
 
     def lines(width: int) -> list[str]:
         out: list[str] = []
@@ -85,7 +84,7 @@ def _prose(*paragraphs: str) -> Callable[[int], list[str]]:
 
 
 def up(x: float, digits: int = 2) -> str:
-    """``x`` rounded up to ``digits`` significant digits, as the README writes it (``1.1e-13``)."""
+    """``x`` rounded up to ``digits`` significant digits, as the pages write it (``1.1e-13``)."""
     d = Decimal(repr(x))
     exponent = d.adjusted() - digits + 1
     d = d.quantize(Decimal(1).scaleb(exponent), rounding=ROUND_CEILING)
