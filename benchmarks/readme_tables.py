@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGES = ROOT / "docs" / "img"
+IMAGES = Path("docs") / "img"  # (relative to the repository root)
 WIDTH = 96  # the pages' prose is wrapped at about this many characters
 OPEN = re.compile(
     r"^(?P<indent>[ \t]*)<!-- results:(?P<name>[\w-]+): rendered from (?P<source>\S+) "
@@ -368,7 +368,7 @@ def draw_plots(root: Path = ROOT) -> list[Path]:
     written = []
     for name, spec in PLOTS.items():
         module = importlib.import_module(Path(spec.script).stem)  # (benchmarks/ is on sys.path)
-        path = root / "docs" / "img" / name
+        path = root / IMAGES / name
         path.parent.mkdir(parents=True, exist_ok=True)
         result = json.loads((root / spec.source).read_text())
         getattr(module, spec.function)(result[spec.records] if spec.records else result, str(path))
@@ -456,7 +456,7 @@ def main(argv=None) -> int:
         return 2
     stale = [name for name in old if new[name] != old[name]]
     if args.check:
-        missing = [name for name in PLOTS if not (IMAGES / name).is_file()]
+        missing = [name for name in PLOTS if not (ROOT / IMAGES / name).is_file()]
         sys.stdout.writelines(_diff(old[name], new[name], name) for name in stale)
         for name in stale:
             print(f"{name} differs from benchmarks/results/: run python benchmarks/readme_tables.py", file=sys.stderr)

@@ -49,7 +49,7 @@ def test_every_plot_a_page_shows_is_drawn_from_results(pages):
     shown = {m for text in pages.values() for m in re.findall(r"\]\((?:docs/)?img/([\w.-]+\.png)\)", text)}
     assert shown and shown == set(rt.PLOTS), "the plots the pages show and PLOTS disagree"
     for name, spec in rt.PLOTS.items():
-        assert (Path(ROOT) / "docs" / "img" / name).is_file(), name
+        assert (Path(ROOT) / rt.IMAGES / name).is_file(), name
         assert (Path(ROOT) / spec.source).is_file() and (Path(ROOT) / spec.script).is_file(), name
 
 
